@@ -1,0 +1,159 @@
+"""The vLLM engine: one `AsyncLLM`, driven with token ids. Uses vLLM's public API only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from serve_app.engines.protocol import AdapterRef, Delta, GenerationRequest, SamplingOptions, TokenLogprob
+from serve_app.platform import prepare_vllm_env
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """The engine arguments lorafleet exposes; `extra` passes any other AsyncEngineArgs field."""
+
+    model_dir: str
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_num_seqs: int | None = None
+    seed: int = 0
+    served_model_name: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def engine_args(self):
+        from vllm import AsyncEngineArgs
+
+        kwargs = dict(
+            model=self.model_dir,
+            tokenizer=self.model_dir,
+            tensor_parallel_size=self.tensor_parallel_size,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enforce_eager=self.enforce_eager,
+            enable_lora=self.enable_lora,
+            seed=self.seed,
+            disable_log_stats=True,
+        )
+        if self.enable_lora:
+            kwargs.update(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank)
+        if self.max_num_seqs:
+            kwargs["max_num_seqs"] = self.max_num_seqs
+        return AsyncEngineArgs(**{**kwargs, **self.extra})
+
+
+class VllmEngine:
+    """Owns a vLLM `AsyncLLM`. Build it inside a running event loop (`await VllmEngine.start(...)`)."""
+
+    def __init__(self, settings: VllmSettings, async_llm):
+        self.settings = settings
+        self.llm = async_llm
+        self.max_model_len: int = async_llm.model_config.max_model_len
+        self._adapters: dict[int, AdapterRef] = {}
+
+    @classmethod
+    async def start(cls, settings: VllmSettings) -> "VllmEngine":
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        prepare_vllm_env(settings.tensor_parallel_size)
+        return cls(settings, AsyncLLM.from_engine_args(settings.engine_args()))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
+        from vllm.inputs import TokensPrompt
+
+        params = self._sampling_params(request.options, len(request.prompt_ids))
+        stream = self.llm.generate(
+            TokensPrompt(prompt_token_ids=list(request.prompt_ids)),
+            params,
+            request.request_id,
+            lora_request=self._lora_request(request.adapter),
+        )
+        async for output in stream:
+            deltas = [_delta(c) for c in output.outputs if c.token_ids or c.finish_reason]
+            if deltas:
+                yield deltas
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        await self.llm.add_lora(self._lora_request(adapter))
+
+    async def remove_adapter(self, adapter_id: int) -> None:
+        self._adapters.pop(adapter_id, None)
+        await self.llm.remove_lora(adapter_id)
+
+    async def loaded_adapter_ids(self) -> set[int]:
+        return set(await self.llm.list_loras())
+
+    async def num_running(self) -> int:
+        return self.llm.get_num_unfinished_requests()
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+    def _lora_request(self, adapter: AdapterRef | None):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        self._adapters[adapter.adapter_id] = adapter
+        return LoRARequest(adapter.name, adapter.adapter_id, adapter.path)
+
+    def _sampling_params(self, options: SamplingOptions, prompt_len: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        max_tokens = options.max_tokens or max(self.max_model_len - prompt_len, 1)
+        return SamplingParams(
+            n=options.n,
+            max_tokens=max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            min_p=options.min_p,
+            repetition_penalty=options.repetition_penalty,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            stop=list(options.stop),
+            stop_token_ids=list(options.stop_token_ids),
+            seed=options.seed,
+            logprobs=options.logprobs,
+            ignore_eos=options.ignore_eos,
+            min_tokens=options.min_tokens,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+
+def _delta(completion) -> Delta:
+    logprobs = None
+    if completion.logprobs is not None:
+        logprobs = tuple(_token_logprob(tid, pos) for tid, pos in zip(completion.token_ids, completion.logprobs))
+    return Delta(
+        index=completion.index,
+        text=completion.text,
+        token_ids=tuple(completion.token_ids),
+        finish_reason=completion.finish_reason,
+        logprobs=logprobs,
+    )
+
+
+def _token_logprob(token_id: int, position: dict) -> TokenLogprob:
+    chosen = position[token_id]
+    top = sorted(position.values(), key=lambda lp: lp.rank or 0)
+    return TokenLogprob(
+        token=chosen.decoded_token or "",
+        logprob=float(chosen.logprob),
+        top=tuple((lp.decoded_token or "", float(lp.logprob)) for lp in top),
+    )
+

@@ -1,0 +1,73 @@
+"""Errors that reach users. Each maps to one HTTP status and OpenAI's error shape."""
+
+from __future__ import annotations
+
+
+class LorafleetError(Exception):
+    """Base class: `status` is the HTTP status, `type` OpenAI's error type."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequestError(LorafleetError, ValueError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class PromptTooLongError(InvalidRequestError):
+    def __init__(self, prompt_tokens: int, max_tokens: int):
+        super().__init__(
+            f"the prompt has {prompt_tokens} tokens but the model's context holds {max_tokens}; "
+            "shorten the messages or the history.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+
+
+class AuthenticationError(LorafleetError):
+    status = 401
+    type = "authentication_error"
+
+
+class PermissionDeniedError(LorafleetError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFoundError(LorafleetError, LookupError):
+    status = 404
+    type = "not_found_error"
+
+
+class ConflictError(LorafleetError):
+    status = 409
+    type = "conflict_error"
+
+
+class PayloadTooLargeError(LorafleetError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class OverloadedError(LorafleetError):
+    status = 503
+    type = "overloaded_error"
+
+
+class ConfigError(LorafleetError, ValueError):
+    """A model or engine setting that cannot work; raised before anything starts."""
+
+    status = 400
+    type = "invalid_request_error"

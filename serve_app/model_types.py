@@ -1,0 +1,104 @@
+"""The table of model types: hub id, template, chat or generation, default generation settings."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serve_app.errors import ConfigError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_CHAT_DIR = ASSETS / "tiny-chat"
+XIAO_HUANG_DIR = ASSETS / "xiao-huang"
+
+
+class ModelType:
+    """Model type names, as ms-swift spells them (`ModelType.qwen_7b_chat == 'qwen-7b-chat'`)."""
+
+    qwen_7b_chat = "qwen-7b-chat"
+    qwen_7b = "qwen-7b"
+    chatglm3_6b = "chatglm3-6b"
+    yi_6b_chat = "yi-6b-chat"
+    llama2_7b_chat = "llama2-7b-chat"
+    llama3_8b_instruct = "llama3-8b-instruct"
+    qwen1half_7b_chat_int4 = "qwen1half-7b-chat-int4"
+    tiny_chat = "tiny-chat"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What lorafleet knows about a model type before loading it."""
+
+    model_type: str
+    hub_id: str
+    template_type: str
+    is_chat: bool = True
+    generation: dict = field(default_factory=dict)
+    requires: str = ""  # a note for model types that need more than vLLM (e.g. trust_remote_code)
+
+    @property
+    def default_dir(self) -> str:
+        return self.hub_id
+
+
+_SAMPLING = dict(max_new_tokens=2048, temperature=0.3, top_p=0.7, top_k=20, repetition_penalty=1.05)
+
+MODELS: dict[str, ModelInfo] = {
+    info.model_type: info
+    for info in [
+        ModelInfo("qwen-7b-chat", "Qwen/Qwen-7B-Chat", "qwen", generation=_SAMPLING, requires="trust_remote_code"),
+        ModelInfo("qwen-7b", "Qwen/Qwen-7B", "default-generation", is_chat=False, generation=_SAMPLING),
+        ModelInfo("chatglm3-6b", "THUDM/chatglm3-6b", "chatglm3", generation=_SAMPLING, requires="trust_remote_code"),
+        ModelInfo("yi-6b-chat", "01-ai/Yi-6B-Chat", "chatml", generation=_SAMPLING),
+        ModelInfo("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "llama", generation=_SAMPLING),
+        ModelInfo("llama3-8b-instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3", generation=_SAMPLING),
+        ModelInfo("qwen1half-7b-chat-int4", "Qwen/Qwen1.5-7B-Chat-GPTQ-Int4", "qwen", generation=_SAMPLING),
+        ModelInfo(
+            "tiny-chat",
+            str(TINY_CHAT_DIR),
+            "qwen",
+            generation=dict(max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=-1, repetition_penalty=1.0),
+        ),
+    ]
+}
+
+
+def get_model_info(model_type: str) -> ModelInfo:
+    """The table row for `model_type`; an unknown name gets the closest matches."""
+    if model_type in MODELS:
+        return MODELS[model_type]
+    close = difflib.get_close_matches(model_type, MODELS, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(
+        f"unknown model_type '{model_type}'.{hint} Known model types: {', '.join(MODELS)}. "
+        "For another model pass model_id_or_path=LOCAL_DIR (and template_type).",
+        param="model_type",
+    )
+
+
+def get_default_template_type(model_type: str) -> str:
+    return get_model_info(model_type).template_type
+
+
+def resolve_model_dir(model_type: str | None, model_id_or_path: str | None) -> str:
+    """The checkpoint to load: an explicit path wins; otherwise the model type's hub id or embedded dir."""
+    if model_id_or_path:
+        path = Path(model_id_or_path).expanduser()
+        if path.exists():
+            if not (path / "config.json").exists():
+                raise ConfigError(
+                    f"checkpoint dir '{path}' has no config.json; point model_id_or_path at a Hugging Face "
+                    "model folder (config.json, tokenizer, weights).",
+                    param="model_id_or_path",
+                )
+            return str(path.resolve())
+        if model_id_or_path.startswith((".", "/", "~")) or model_id_or_path.count("/") != 1:
+            raise ConfigError(
+                f"checkpoint dir '{model_id_or_path}' does not exist; check the path (or pass a hub id 'org/name').",
+                param="model_id_or_path",
+            )
+        return model_id_or_path
+    if not model_type:
+        raise ConfigError("give model_type or model_id_or_path.", param="model_type")
+    return get_model_info(model_type).default_dir

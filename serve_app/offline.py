@@ -1,0 +1,335 @@
+"""The offline Python API, call-compatible with ms-swift's vLLM inference API.
+
+    engine = get_vllm_engine(ModelType.tiny_chat)
+    template = get_template(get_default_template_type(ModelType.tiny_chat), engine.hf_tokenizer)
+    inference_vllm(engine, template, [{"query": "你好!"}])  # -> [{"response": ..., "history": ...}]
+
+`inference_vllm` / `inference_stream_vllm` take an engine from `get_vllm_engine` or `get_pt_engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from serve_app.engines.protocol import AdapterRef, GenerationRequest, SamplingOptions
+from serve_app.engines.pt_engine import PtEngine, PtSettings
+from serve_app.engines.vllm_engine import VllmEngine, VllmSettings
+from serve_app.errors import ConfigError
+from serve_app.model_types import MODELS, get_model_info, resolve_model_dir
+from serve_app.template import Template
+from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationConfig:
+    """Per-engine defaults, set like `transformers.GenerationConfig` attributes."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    repetition_penalty: float = 1.0
+    stop_words: list[str] = field(default_factory=list)
+    seed: int | None = None
+    do_sample: bool | None = None
+
+    def to_options(self, template: Template, max_tokens: int) -> SamplingOptions:
+        greedy = self.do_sample is False or self.temperature <= 0
+        return SamplingOptions(
+            max_tokens=max(1, min(self.max_new_tokens, max_tokens)),
+            temperature=0.0 if greedy else self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0),
+            repetition_penalty=self.repetition_penalty,
+            stop=tuple(self.stop_words),
+            stop_token_ids=tuple(template.stop_token_ids),
+            seed=self.seed,
+        )
+
+
+class _EventLoopThread:
+    """A private event loop so synchronous callers can drive an async engine."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="lorafleet-engine-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+class OfflineEngine:
+    """An engine plus what the offline API needs: a loop, the tokenizer, generation defaults."""
+
+    def __init__(self, engine, loop: _EventLoopThread, model_dir: str, model_type: str | None, config: GenerationConfig):
+        from transformers import AutoTokenizer
+
+        self.engine, self._loop = engine, loop
+        self.model_dir, self.model_type = model_dir, model_type
+        self.hf_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.generation_config = config
+        self.max_model_len: int = engine.max_model_len
+        self._checked_adapters: set[tuple[str, int]] = set()
+        atexit.register(self.shutdown)  # stop the engine process before the interpreter tears down
+
+    @property
+    def is_chat(self) -> bool:
+        return MODELS[self.model_type].is_chat if self.model_type in MODELS else True
+
+    def run(self, coro):
+        return self._loop.run(coro)
+
+    def adapter_ref(self, lora_request) -> AdapterRef | None:
+        """A vLLM `LoRARequest` (or AdapterRef) as an AdapterRef, checked against this model once."""
+        if lora_request is None:
+            return None
+        if isinstance(lora_request, AdapterRef):
+            ref = lora_request
+        else:
+            ref = AdapterRef(lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path)
+        if (ref.path, ref.adapter_id) not in self._checked_adapters:
+            self._check_adapter(ref)
+            self._checked_adapters.add((ref.path, ref.adapter_id))
+        return ref
+
+    def _check_adapter(self, ref: AdapterRef) -> None:
+        import json
+        from pathlib import Path
+
+        settings = getattr(self.engine, "settings", None)
+        if isinstance(settings, VllmSettings) and not settings.enable_lora:
+            raise ConfigError("this engine was built without LoRA; call get_vllm_engine(..., enable_lora=True).")
+        max_rank = settings.max_lora_rank if isinstance(settings, VllmSettings) else 1 << 16
+        base_config = json.loads((Path(self.model_dir) / "config.json").read_text())
+        check_adapter_fits(inspect_adapter(ref.path), base_config, max_rank)
+
+    def shutdown(self) -> None:
+        if self._loop.loop.is_running():
+            self.engine.shutdown()
+            self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
+
+
+def get_vllm_engine(
+    model_type: str | None = None,
+    torch_dtype: Any = None,
+    *,
+    model_id_or_path: str | None = None,
+    gpu_memory_utilization: float = 0.9,
+    tensor_parallel_size: int = 1,
+    max_model_len: int | None = None,
+    enforce_eager: bool = False,
+    enable_lora: bool = False,
+    max_loras: int = 1,
+    max_lora_rank: int = 16,
+    max_num_seqs: int | None = None,
+    seed: int = 0,
+    engine_kwargs: dict | None = None,
+    **_: Any,
+) -> OfflineEngine:
+    """Start a vLLM engine for `model_type` (or a local checkpoint) and return it ready for inference."""
+    model_dir = resolve_model_dir(model_type, model_id_or_path)
+    settings = VllmSettings(
+        model_dir=model_dir,
+        tensor_parallel_size=tensor_parallel_size,
+        dtype=_dtype_name(torch_dtype),
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
+        enable_lora=enable_lora,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
+        max_num_seqs=max_num_seqs,
+        seed=seed,
+        extra=dict(engine_kwargs or {}),
+    )
+    loop = _EventLoopThread()
+    engine = loop.run(VllmEngine.start(settings))
+    return OfflineEngine(engine, loop, model_dir, model_type, default_generation_config(model_type, model_dir))
+
+
+def get_pt_engine(
+    model_type: str | None = None,
+    torch_dtype: Any = None,
+    *,
+    model_id_or_path: str | None = None,
+    max_model_len: int | None = None,
+    **_: Any,
+) -> OfflineEngine:
+    """The same API on transformers (+ peft): adapters go in through `lora_request` per call."""
+    model_dir = resolve_model_dir(model_type, model_id_or_path)
+    dtype = _dtype_name(torch_dtype)
+    settings = PtSettings(model_dir=model_dir, dtype="bfloat16" if dtype == "auto" else dtype, max_model_len=max_model_len)
+    loop = _EventLoopThread()
+    engine = loop.run(PtEngine.start(settings))
+    return OfflineEngine(engine, loop, model_dir, model_type, default_generation_config(model_type, model_dir))
+
+
+def default_generation_config(model_type: str | None, model_dir: str) -> GenerationConfig:
+    """The model type's defaults, else the checkpoint's generation_config.json, else greedy."""
+    if model_type:
+        info = get_model_info(model_type)
+        return GenerationConfig(**{k: v for k, v in info.generation.items() if k in GenerationConfig.__dataclass_fields__})
+    try:
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        hf = HFGenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        return GenerationConfig()
+    return GenerationConfig(
+        max_new_tokens=hf.max_new_tokens or 256,
+        temperature=hf.temperature if hf.do_sample else 0.0,
+        top_p=hf.top_p or 1.0,
+        top_k=hf.top_k or -1,
+        repetition_penalty=hf.repetition_penalty or 1.0,
+    )
+
+
+def _dtype_name(torch_dtype: Any) -> str:
+    if torch_dtype is None:
+        return "auto"
+    return str(torch_dtype).removeprefix("torch.")
+
+
+@dataclass
+class _Job:
+    query: str
+    history: list
+    request: GenerationRequest
+    response: str = ""
+    generated_tokens: int = 0
+    done: bool = False
+
+    def result(self) -> dict:
+        return {"response": self.response, "history": [*self.history, [self.query, self.response]]}
+
+
+def _jobs(engine: OfflineEngine, template: Template, request_list, generation_config, lora_request) -> list[_Job]:
+    config = generation_config or engine.generation_config
+    adapter = engine.adapter_ref(lora_request)
+    jobs = []
+    for item in request_list:
+        history = [list(turn) for turn in item.get("history") or []]
+        ids, used = template.encode(item["query"], history, item.get("system"), max_length=engine.max_model_len - 1)
+        if len(used) < len(history):
+            logger.warning("history trimmed to the last %d of %d turns to fit the context", len(used), len(history))
+        options = config.to_options(template, engine.max_model_len - len(ids))
+        request = GenerationRequest(f"offline-{uuid.uuid4().hex}", tuple(ids), options, adapter)
+        jobs.append(_Job(item["query"], history, request))
+    return jobs
+
+
+async def _drive(engine, job: _Job, on_update) -> None:
+    async for deltas in engine.generate(job.request):
+        for delta in deltas:
+            job.response += delta.text
+            job.generated_tokens += len(delta.token_ids)
+        on_update(job)
+    job.done = True
+    on_update(job)
+
+
+def _fill_info(info: dict | None, jobs: list[_Job], started: float) -> None:
+    if info is None:
+        return
+    runtime = time.perf_counter() - started
+    generated = sum(j.generated_tokens for j in jobs)
+    info.update(
+        num_prompt_tokens=sum(len(j.request.prompt_ids) for j in jobs),
+        num_generated_tokens=generated,
+        num_samples=len(jobs),
+        runtime=runtime,
+        samples_per_second=len(jobs) / runtime,
+        tokens_per_second=generated / runtime,
+    )
+
+
+def inference_vllm(
+    llm_engine: OfflineEngine,
+    template: Template,
+    request_list: list[dict],
+    *,
+    generation_config: GenerationConfig | None = None,
+    lora_request=None,
+    generation_info: dict | None = None,
+    use_tqdm: bool = False,
+    verbose: bool = False,
+    **_: Any,
+) -> list[dict]:
+    """Answer every request (`query`, optional `history`, `system`) in one engine batch."""
+    started = time.perf_counter()
+    jobs = _jobs(llm_engine, template, request_list, generation_config, lora_request)
+    progress = _progress(len(jobs)) if use_tqdm else None
+
+    def on_update(job):
+        if job.done and progress is not None:
+            progress.update(1)
+
+    async def run_all():
+        await asyncio.gather(*(_drive(llm_engine.engine, job, on_update) for job in jobs))
+
+    llm_engine.run(run_all())
+    if progress is not None:
+        progress.close()
+    _fill_info(generation_info, jobs, started)
+    if verbose:
+        for job in jobs:
+            print(f"query: {job.query}\nresponse: {job.response}")
+    return [job.result() for job in jobs]
+
+
+def inference_stream_vllm(
+    llm_engine: OfflineEngine,
+    template: Template,
+    request_list: list[dict],
+    *,
+    generation_config: GenerationConfig | None = None,
+    lora_request=None,
+    generation_info: dict | None = None,
+    **_: Any,
+) -> Iterator[list[dict]]:
+    """Yield the list of results as it grows; the last list equals `inference_vllm`'s result."""
+    started = time.perf_counter()
+    jobs = _jobs(llm_engine, template, request_list, generation_config, lora_request)
+    updates: queue.Queue = queue.Queue()
+
+    async def run_all():
+        try:
+            await asyncio.gather(*(_drive(llm_engine.engine, job, lambda j: updates.put(j)) for job in jobs))
+        finally:
+            updates.put(None)
+
+    future = asyncio.run_coroutine_threadsafe(run_all(), llm_engine._loop.loop)
+    try:
+        for _ in iter(updates.get, None):
+            yield [job.result() for job in jobs]
+        future.result()
+    finally:
+        future.cancel()
+    _fill_info(generation_info, jobs, started)
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="inference", unit="req")
+
+
+__all__ = [
+    "GenerationConfig",
+    "OfflineEngine",
+    "get_pt_engine",
+    "get_vllm_engine",
+    "inference_stream_vllm",
+    "inference_vllm",
+]

