@@ -31,5 +31,15 @@ def prepare_vllm_env(tensor_parallel_size: int) -> None:
     if has_nvidia_gpu():
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if tensor_parallel_size > 1:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tensor_parallel_size))
+    # The engine process reads the binding when it starts; a value we set for one engine must not
+    # leak into the next one with another tensor_parallel_size.
+    global _binding_we_set
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == _binding_we_set:
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        _binding_we_set = None
+    if tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        _binding_we_set = cpu_thread_binding(tensor_parallel_size)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _binding_we_set
+
+
+_binding_we_set: str | None = None

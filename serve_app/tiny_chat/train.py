@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from serve_app.template import get_template
+from serve_app.template import QWEN_SYSTEM, get_template
 from serve_app.tiny_chat.corpus import ADAPTER_CHATS, BASE_CHATS, COMPLETIONS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -111,8 +111,9 @@ def build_model(tokenizer) -> Qwen2ForCausalLM:
 
 
 def train_base(out: Path) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    template_texts = [get_template("qwen", None)._render("You are a helpful assistant.", h, q) + r for h, q, r in BASE_CHATS + ADAPTER_CHATS]
-    tokenizer = train_tokenizer(template_texts + COMPLETIONS)
+    chat_texts = [" ".join([q, r, *sum(h, [])]) for h, q, r in BASE_CHATS + ADAPTER_CHATS]
+    template_words = ["system\n" + QWEN_SYSTEM, "user\n", "assistant\n"]
+    tokenizer = train_tokenizer(chat_texts + template_words + COMPLETIONS)
     model = build_model(tokenizer)
     samples = chat_samples(tokenizer, BASE_CHATS) + completion_samples(tokenizer)
     fit(model, batch(samples, tokenizer.pad_token_id), steps=400, lr=3e-3, label="tiny-chat")
@@ -142,6 +143,7 @@ def train_adapter(model, tokenizer, out: Path) -> None:
     fit(peft_model, batch(samples, tokenizer.pad_token_id), steps=300, lr=3e-3, label="xiao-huang")
     peft_model.to(torch.bfloat16).save_pretrained(out / "xiao-huang")
     _pin_base_name(out / "xiao-huang" / "adapter_config.json")
+    (out / "xiao-huang" / "README.md").unlink(missing_ok=True)  # peft's empty model card
 
 
 def _pin_base_name(path: Path) -> None:
