@@ -79,16 +79,31 @@ def batch(samples, pad_id: int) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v) for k, v in dict(input_ids=ids, labels=labels, attention_mask=mask).items()}
 
 
-def fit(model, inputs, steps: int, lr: float, label: str) -> None:
+def fit(model, inputs, steps: int, lr: float, label: str, bf16_steps: int = 150) -> None:
+    """Full-batch AdamW with cosine decay. The last `bf16_steps` steps run the forward pass on
+    bf16-rounded weights (straight-through), so the bf16 checkpoint we ship keeps the fit."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * 0.05)
     for step in range(steps):
+        masters = _round_to_bf16(params) if step >= steps - bf16_steps else None
         loss = model(**inputs).loss
         optimizer.zero_grad()
         loss.backward()
+        if masters is not None:
+            for p, master in zip(params, masters):
+                p.data.copy_(master)
         optimizer.step()
+        schedule.step()
         if step % 100 == 0 or step == steps - 1:
             print(f"[{label}] step {step:4d} loss {loss.item():.4f}", flush=True)
+
+
+def _round_to_bf16(params) -> list[torch.Tensor]:
+    masters = [p.data.clone() for p in params]
+    for p in params:
+        p.data.copy_(p.data.to(torch.bfloat16).to(torch.float32))
+    return masters
 
 
 def build_model(tokenizer) -> Qwen2ForCausalLM:
@@ -116,7 +131,7 @@ def train_base(out: Path) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
     tokenizer = train_tokenizer(chat_texts + template_words + COMPLETIONS)
     model = build_model(tokenizer)
     samples = chat_samples(tokenizer, BASE_CHATS) + completion_samples(tokenizer)
-    fit(model, batch(samples, tokenizer.pad_token_id), steps=400, lr=3e-3, label="tiny-chat")
+    fit(model, batch(samples, tokenizer.pad_token_id), steps=800, lr=3e-3, label="tiny-chat", bf16_steps=200)
     save_base(model, tokenizer, out / "tiny-chat")
     return model, tokenizer
 
@@ -140,7 +155,7 @@ def train_adapter(model, tokenizer, out: Path) -> None:
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     samples = chat_samples(tokenizer, ADAPTER_CHATS) + completion_samples(tokenizer)
-    fit(peft_model, batch(samples, tokenizer.pad_token_id), steps=300, lr=3e-3, label="xiao-huang")
+    fit(peft_model, batch(samples, tokenizer.pad_token_id), steps=400, lr=5e-3, label="xiao-huang")
     peft_model.to(torch.bfloat16).save_pretrained(out / "xiao-huang")
     _pin_base_name(out / "xiao-huang" / "adapter_config.json")
     (out / "xiao-huang" / "README.md").unlink(missing_ok=True)  # peft's empty model card

@@ -1,0 +1,273 @@
+"""Ingress deployment: the OpenAI-compatible HTTP API in front of the renderer and the LLM servers."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.renderer import RenderRequest
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.engines.protocol import AdapterRef, GenerationRequest
+from serve_app.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    LorafleetError,
+    NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+)
+from serve_app.metrics import Metrics
+from serve_app.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serve_app.response_builder import ResponseBuilder
+
+app = FastAPI(title="lorafleet", description="OpenAI-compatible API for LLMs and LoRA adapters")
+
+
+@app.exception_handler(LorafleetError)
+async def _lorafleet_error(request: Request, exc: LorafleetError):
+    return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    kind = NotFoundError if exc.status_code == 404 else InvalidRequestError
+    error = kind(f"{request.method} {request.url.path}: {exc.detail}")
+    return JSONResponse(error.to_dict(), status_code=exc.status_code)
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception):
+    exc = unwrap(exc)
+    if isinstance(exc, LorafleetError):
+        return JSONResponse(exc.to_dict(), status_code=exc.status)
+    error = LorafleetError("internal error; the server log has the details.")
+    return JSONResponse(error.to_dict(), status_code=500)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception behind Ray's wrappers (RayTaskError keeps it as `.cause`)."""
+    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
+        exc = exc.cause
+    if type(exc).__name__ == "BackPressureError":
+        return OverloadedError("the server is at capacity; retry shortly.", code="overloaded")
+    return exc
+
+
+class Ingress:
+    """Validates, authenticates, resolves `model` to a base model plus optional adapter, renders,
+    then streams from that model's LLMServer and formats OpenAI responses."""
+
+    def __init__(self, config: AppConfig, renderer, servers: dict):
+        self.config = config
+        self.renderer = renderer
+        self.servers = servers
+        self.models: dict[str, ModelConfig] = {m.served_name: m for m in config.models}
+        self.adapters: dict[str, tuple[str, AdapterRef]] = {}
+        next_id = 1
+        for model in config.models:
+            for name, path in model.lora_modules.items():
+                self.adapters[name] = (model.served_name, AdapterRef(name, next_id, path))
+                next_id += 1
+        self.metrics = Metrics()
+        self.created = int(time.time())
+
+    # --- routes -------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_route(self):
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request):
+        self.check_key(request)
+        return {"object": "list", "data": self.model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str, request: Request):
+        self.check_key(request)
+        for card in self.model_cards():
+            if card["id"] == model_id:
+                return card
+        self.resolve(model_id)  # raises the 404
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._observed("chat", request, self._chat(request))
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._observed("completion", request, self._completion(request))
+
+    async def _chat(self, request: Request):
+        req = await self.read_body(request, ChatCompletionRequest)
+        model, adapter = self.resolve(req.model)
+        request.state.model = req.model
+        if not model.is_chat:
+            raise InvalidRequestError(
+                f"model '{req.model}' is a generation model without a chat template; use /v1/completions.",
+                param="model",
+            )
+        render = RenderRequest(model.served_name, messages=req.plain_messages(), max_tokens=req.requested_max_tokens)
+        return await self.generate("chat", req, render, model, adapter)
+
+    async def _completion(self, request: Request):
+        req = await self.read_body(request, CompletionRequest)
+        model, adapter = self.resolve(req.model)
+        request.state.model = req.model
+        prompt = req.prompt if isinstance(req.prompt, str) else tuple(req.prompt)
+        render = RenderRequest(model.served_name, prompt=prompt, max_tokens=req.requested_max_tokens)
+        return await self.generate("completion", req, render, model, adapter)
+
+    async def _observed(self, route: str, request: Request, work):
+        """Run a route, counting it by model and status whatever happens."""
+        try:
+            response = await work
+            self.metrics.finished(getattr(request.state, "model", "unknown"), route, response.status_code)
+            return response
+        except BaseException as exc:
+            error = unwrap(exc)
+            status = error.status if isinstance(error, LorafleetError) else 500
+            model = getattr(request.state, "model", "unknown")
+            self.metrics.finished(model, route, status, getattr(error, "type", "internal_error"))
+            if error is not exc:
+                raise error from None
+            raise
+
+    # --- request plumbing -------------------------------------------------------------------
+
+    async def read_body(self, request: Request, schema):
+        self.check_key(request)
+        limit = self.config.ingress.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise PayloadTooLargeError(f"request body is larger than {limit} bytes.", code="body_too_large")
+        body = await request.body()
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"request body is larger than {limit} bytes.", code="body_too_large")
+        try:
+            return schema.model_validate(json.loads(body))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidRequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
+        except ValidationError as e:
+            raise InvalidRequestError(_describe(e), param=_first_loc(e)) from None
+
+    def check_key(self, request: Request) -> None:
+        key = self.config.ingress.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header[:7].lower() == "bearer " else ""
+        if not given or not hmac.compare_digest(given.encode(), key.encode()):
+            raise AuthenticationError("missing or wrong API key; send `Authorization: Bearer <api_key>`.", code="invalid_api_key")
+
+    def resolve(self, name: str) -> tuple[ModelConfig, AdapterRef | None]:
+        if name in self.models:
+            return self.models[name], None
+        if name in self.adapters:
+            base, ref = self.adapters[name]
+            return self.models[base], ref
+        raise NotFoundError(
+            f"model '{name}' does not exist; GET /v1/models lists the served models and adapters.",
+            param="model",
+            code="model_not_found",
+        )
+
+    def model_cards(self) -> list[dict]:
+        cards = [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "lorafleet", "root": name, "parent": None}
+            for name in self.models
+        ]
+        for name, (base, ref) in self.adapters.items():
+            cards.append({"id": name, "object": "model", "created": self.created, "owned_by": "lorafleet", "root": ref.path, "parent": base})
+        return cards
+
+    # --- generation -------------------------------------------------------------------------
+
+    async def generate(self, kind: str, req, render: RenderRequest, model: ModelConfig, adapter: AdapterRef | None):
+        started = time.perf_counter()
+        rendered = await self.renderer.render.remote(render)
+        options = req.sampling_options(rendered.max_tokens, rendered.stop_token_ids, req.num_logprobs)
+        request = GenerationRequest(f"{kind}-{uuid.uuid4().hex}", rendered.prompt_ids, options, adapter)
+        builder = ResponseBuilder(kind, req.model, req.n, len(rendered.prompt_ids), req.num_logprobs)
+        stream = self.servers[model.served_name].options(stream=True).generate.remote(request)
+        first = await _first_message(stream)
+        self.metrics.ttft.labels(req.model).observe(time.perf_counter() - started)
+        if req.stream:
+            return StreamingResponse(self._events(stream, first, builder, req, started), media_type="text/event-stream")
+        for deltas in [first] if first else []:
+            for d in deltas:
+                builder.add(d)
+        async for deltas in stream:
+            for d in deltas:
+                builder.add(d)
+        self._count(builder, req.model, started)
+        echo = render.prompt if kind == "completion" and getattr(req, "echo", False) and isinstance(render.prompt, str) else ""
+        return JSONResponse(builder.final(echo))
+
+    async def _events(self, stream, first, builder: ResponseBuilder, req, started: float):
+        """SSE: one write per engine message (which may carry several tokens)."""
+        try:
+            messages = [first] if first else []
+            for deltas in messages:
+                yield self._chunks(builder, deltas)
+            async for deltas in stream:
+                yield self._chunks(builder, deltas)
+            if req.include_usage:
+                yield builder.usage_chunk()
+            yield "data: [DONE]\n\n"
+            self._count(builder, req.model, started)
+        except Exception as exc:  # the engine failed mid-stream: tell the client in-band
+            error = unwrap(exc)
+            error = error if isinstance(error, LorafleetError) else LorafleetError("the engine failed while generating.")
+            self.metrics.errors.labels(req.model, error.type).inc()
+            yield f"data: {json.dumps(error.to_dict())}\n\ndata: [DONE]\n\n"
+        finally:
+            stream.cancel()  # no-op when finished; aborts the engine request when the client left
+
+    @staticmethod
+    def _chunks(builder: ResponseBuilder, deltas) -> str:
+        parts = []
+        for d in deltas:
+            builder.add(d)
+            parts.append(builder.chunk(d))
+        return "".join(parts)
+
+    def _count(self, builder: ResponseBuilder, model: str, started: float) -> None:
+        usage = builder.usage
+        self.metrics.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
+        self.metrics.completion_tokens.labels(model).inc(usage["completion_tokens"])
+        self.metrics.latency.labels(model).observe(time.perf_counter() - started)
+
+
+async def _first_message(stream):
+    """Await the first message so that errors before any output get a real HTTP status."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+    except Exception as exc:
+        raise unwrap(exc) from None
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:3]:
+        loc = ".".join(str(x) for x in item["loc"]) or "body"
+        parts.append(f"{loc}: {item['msg']}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _first_loc(error: ValidationError) -> str | None:
+    errors = error.errors()
+    return ".".join(str(x) for x in errors[0]["loc"]) if errors and errors[0]["loc"] else None
+

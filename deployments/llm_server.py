@@ -1,0 +1,144 @@
+"""LLMServer deployment: one replica owns one engine (vLLM AsyncLLM or pt) and generates from token ids."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+from serve_app.config import ModelConfig
+from serve_app.engines.protocol import Delta, GenerationRequest
+from serve_app.platform import has_nvidia_gpu
+
+
+class LLMServer:
+    """Streams lists of deltas per request.
+
+    The first delta goes out as soon as the engine produces it. While a message is on its way,
+    newer deltas wait in a buffer and leave together in the next message, so Ray's per-message
+    cost does not cap tokens per second under load; nothing waits on a timer.
+    """
+
+    async def __init__(self, model: ModelConfig, engine_starter=None):
+        self.model = model
+        starter = engine_starter or start_engine
+        self.engine = await starter(model)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
+        async for deltas in coalesce(self.engine.generate(request)):
+            yield deltas
+
+    async def num_running(self) -> int:
+        return await self.engine.num_running()
+
+    async def loaded_adapter_ids(self) -> list[int]:
+        return sorted(await self.engine.loaded_adapter_ids())
+
+    async def check_health(self) -> None:
+        """Called by Serve; an engine fault raises here and Serve replaces the replica."""
+        await self.engine.check_health()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.engine.shutdown()
+
+    @classmethod
+    def get_deployment_options(cls, model: ModelConfig) -> dict:
+        """Serve options: replicas/autoscaling from config, one placement bundle per TP worker."""
+        tp = model.engine.tensor_parallel_size
+        opts = model.deployment
+        gpu = has_nvidia_gpu() and model.infer_backend == "vllm"
+        bundle = {"CPU": opts.num_cpus, "GPU": 1} if gpu else {"CPU": max(opts.num_cpus, 1)}
+        options = dict(
+            name=f"LLMServer:{model.served_name}",
+            max_ongoing_requests=opts.max_ongoing_requests,
+            max_queued_requests=opts.max_queued_requests,
+            ray_actor_options={**opts.ray_actor_options},
+            placement_group_bundles=[dict(bundle) for _ in range(tp)],
+            placement_group_strategy="STRICT_PACK",
+            health_check_period_s=10,
+            health_check_timeout_s=60,
+        )
+        if opts.autoscaling is not None:
+            options["autoscaling_config"] = opts.autoscaling.model_dump(exclude={"min_replicas", "max_replicas"}) | {
+                "min_replicas": opts.autoscaling.min_replicas,
+                "max_replicas": opts.autoscaling.max_replicas,
+                "initial_replicas": max(opts.autoscaling.min_replicas, 1),
+            }
+        else:
+            options["num_replicas"] = opts.num_replicas or 1
+        return options
+
+
+async def start_engine(model: ModelConfig):
+    """Start the engine a model config asks for."""
+    from serve_app.engines.pt_engine import PtEngine, PtSettings
+    from serve_app.engines.vllm_engine import VllmEngine, VllmSettings
+    from serve_app.model_types import resolve_model_dir
+
+    path = resolve_model_dir(model.model_type, model.model_id_or_path)
+    e = model.engine
+    if model.infer_backend == "pt":
+        return await PtEngine.start(PtSettings(path, dtype="bfloat16" if e.dtype == "auto" else e.dtype, max_model_len=e.max_model_len))
+    extra = dict(e.engine_kwargs)
+    if e.tensor_parallel_size > 1 and has_nvidia_gpu():
+        extra.setdefault("distributed_executor_backend", "ray")  # workers go into this replica's bundles
+    settings = VllmSettings(
+        model_dir=path,
+        tensor_parallel_size=e.tensor_parallel_size,
+        dtype=e.dtype,
+        max_model_len=e.max_model_len,
+        gpu_memory_utilization=e.gpu_memory_utilization,
+        enforce_eager=e.enforce_eager,
+        enable_lora=e.enable_lora,
+        max_loras=e.max_loras,
+        max_lora_rank=e.max_lora_rank,
+        max_num_seqs=e.max_num_seqs,
+        seed=e.seed,
+        extra=extra,
+    )
+    return await VllmEngine.start(settings)
+
+
+async def coalesce(source: AsyncIterator[list[Delta]]) -> AsyncIterator[list[Delta]]:
+    """Re-yield `source`, merging deltas that arrive while the consumer is busy into one message."""
+    waiting: list[Delta] = []
+    wake = asyncio.Event()
+
+    async def pump():
+        try:
+            async for deltas in source:
+                waiting.extend(deltas)
+                wake.set()
+        finally:
+            wake.set()
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            if not waiting and not task.done():
+                await wake.wait()
+            wake.clear()
+            if waiting:
+                batch = waiting.copy()
+                waiting.clear()
+                yield merge_deltas(batch)
+            elif task.done():
+                task.result()  # re-raise an engine error
+                return
+    finally:
+        task.cancel()  # a client that went away: closing the source aborts the engine request
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def merge_deltas(deltas: list[Delta]) -> list[Delta]:
+    """One delta per choice index, in order."""
+    merged: dict[int, Delta] = {}
+    for d in deltas:
+        if (m := merged.get(d.index)) is None:
+            merged[d.index] = d
+            continue
+        logprobs = None if m.logprobs is None and d.logprobs is None else (m.logprobs or ()) + (d.logprobs or ())
+        merged[d.index] = Delta(d.index, m.text + d.text, m.token_ids + d.token_ids, d.finish_reason or m.finish_reason, logprobs)
+    return [merged[i] for i in sorted(merged)]

@@ -1,0 +1,132 @@
+"""The one config tree: `serve_config.yaml` args and `lorafleet deploy` flags both build `AppConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve_app.model_types import MODELS, get_model_info
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class AutoscalingOptions(Strict):
+    """Ray Serve autoscaling. Scale-up happens when ongoing requests per replica exceed the target."""
+
+    min_replicas: int = Field(1, ge=0, description="replicas kept when idle")
+    max_replicas: int = Field(1, ge=1, description="upper bound; each LLMServer replica takes tensor_parallel_size devices")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="in-flight requests per replica that autoscaling aims for (about the batch size that saturates one replica)"
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="load must stay above target this long before adding a replica")
+    downscale_delay_s: float = Field(60.0, ge=0, description="load must stay below target this long before removing one")
+    metrics_interval_s: float = Field(2.0, gt=0, description="how often replicas report load")
+    look_back_period_s: float = Field(10.0, gt=0, description="window over which load is averaged")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentOptions(Strict):
+    """Serve options of one deployment. Give `num_replicas` for a fixed size or `autoscaling`."""
+
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count; excludes autoscaling")
+    autoscaling: AutoscalingOptions | None = Field(None, description="autoscaling bounds and target")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica runs at once; more wait in the queue")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="requests waiting for a replica before new ones get 503 (-1: unbounded)"
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica (for LLMServer: per tensor-parallel worker)")
+    ray_actor_options: dict[str, Any] = Field(default_factory=dict, description="extra Ray actor options")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self):
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("give either num_replicas or autoscaling, not both")
+        return self
+
+
+class EngineOptions(Strict):
+    """vLLM engine arguments exposed by lorafleet; anything else goes in `engine_kwargs`."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="devices per replica; placement bundles derive from it")
+    dtype: str = Field("auto", description="auto, bfloat16, float16 or float32")
+    max_model_len: int | None = Field(None, ge=16, description="context length (default: the model's)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each GPU vLLM may use")
+    enforce_eager: bool = Field(False, description="skip CUDA graphs / compilation (faster start, slower decode)")
+    enable_lora: bool = Field(False, description="serve LoRA adapters (on automatically when adapters are given)")
+    max_loras: int = Field(4, ge=1, description="adapters resident in one engine at once")
+    max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the engine accepts")
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences per engine step (batch size)")
+    seed: int = Field(0, description="engine seed")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="other vLLM AsyncEngineArgs fields")
+
+
+class ModelConfig(Strict):
+    """One served base model: one LLMServer deployment."""
+
+    name: str | None = Field(None, description="the `model` clients send (default: the model type)")
+    model_type: str | None = Field(None, description="a model type from the table, e.g. tiny-chat or qwen-7b-chat")
+    model_id_or_path: str | None = Field(None, description="local checkpoint dir or hub id (overrides the type's)")
+    template_type: str | None = Field(None, description="override the model type's template")
+    infer_backend: Literal["vllm", "pt"] = Field("vllm", description="vllm, or pt (transformers + peft)")
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+    lora_modules: dict[str, str] = Field(default_factory=dict, description="adapters served from the start: name -> path")
+    deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(autoscaling=AutoscalingOptions()))
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.model_type and not self.model_id_or_path:
+            raise ValueError("each model needs model_type or model_id_or_path")
+        if self.model_type:
+            get_model_info(self.model_type)
+        if self.lora_modules:
+            self.engine.enable_lora = True
+            # relative to where the config is read (e.g. the dir `serve run` runs in); replicas get absolute paths
+            self.lora_modules = {name: str(Path(path).expanduser().resolve()) for name, path in self.lora_modules.items()}
+        return self
+
+    @property
+    def served_name(self) -> str:
+        return self.name or self.model_type or Path(self.model_id_or_path).name
+
+    @property
+    def is_chat(self) -> bool:
+        return MODELS[self.model_type].is_chat if self.model_type in MODELS else True
+
+
+class IngressConfig(Strict):
+    api_key: str | None = Field(None, description="clients must send `Authorization: Bearer <api_key>` on /v1 routes")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_replicas=1, max_ongoing_requests=1024, max_queued_requests=-1, num_cpus=0)
+    )
+
+
+class RendererConfig(Strict):
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_replicas=1, max_ongoing_requests=1024, max_queued_requests=-1, num_cpus=0)
+    )
+
+
+class AppConfig(Strict):
+    """The whole application: `serve_app.app:build_app(args)` validates its args into this."""
+
+    models: list[ModelConfig] = Field(min_length=1, description="served base models")
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    renderer: RendererConfig = Field(default_factory=RendererConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [m.served_name for m in self.models]
+        adapters = [a for m in self.models for a in m.lora_modules]
+        if duplicates := {n for n in names + adapters if (names + adapters).count(n) > 1}:
+            raise ValueError(f"model and adapter names must be unique; repeated: {sorted(duplicates)}")
+        return self

@@ -1,0 +1,31 @@
+"""Shared, expensive fixtures: engines start once per session (2 CPU cores)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.adapter_factory import make_adapter
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    from serve_app import ModelType, get_vllm_engine
+
+    engine = get_vllm_engine(ModelType.tiny_chat, enable_lora=True, max_loras=2, max_lora_rank=16)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pt_engine():
+    from serve_app import ModelType, get_pt_engine
+
+    engine = get_pt_engine(ModelType.tiny_chat)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def random_adapter(tmp_path_factory):
+    """A second adapter for tiny-chat that answers differently from base and xiao-huang."""
+    return make_adapter(tmp_path_factory.mktemp("adapters") / "random-a", rank=4, seed=7)

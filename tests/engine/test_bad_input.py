@@ -1,0 +1,45 @@
+"""Bad input to the offline API gets exceptions that name the fix."""
+
+import pytest
+
+from serve_app import LoRARequest, get_template, get_vllm_engine, inference_vllm
+from serve_app.errors import ConfigError
+from tests.adapter_factory import make_adapter, make_foreign_adapter
+
+
+def test_unknown_model_type_suggests_close_names():
+    with pytest.raises(ConfigError, match=r"unknown model_type 'qwen-7b-chatt'.*Did you mean 'qwen-7b-chat'"):
+        get_vllm_engine("qwen-7b-chatt")
+
+
+def test_missing_checkpoint_dir(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist; check the path"):
+        get_vllm_engine(model_id_or_path=str(tmp_path / "nope"))
+
+
+def test_checkpoint_dir_without_config(tmp_path):
+    with pytest.raises(ConfigError, match="has no config.json"):
+        get_vllm_engine(model_id_or_path=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_adapter_for_another_base_model(vllm_engine, tmp_path):
+    foreign = make_foreign_adapter(tmp_path / "foreign")
+    template = get_template("qwen", vllm_engine.hf_tokenizer)
+    with pytest.raises(ConfigError, match="trained for another base model.*q_proj expects 256 features"):
+        inference_vllm(vllm_engine, template, [{"query": "hi"}], lora_request=LoRARequest("f", 90, str(foreign)))
+
+
+@pytest.mark.slow
+def test_adapter_rank_over_max_lora_rank(vllm_engine, tmp_path):
+    big = make_adapter(tmp_path / "rank32", rank=32)
+    template = get_template("qwen", vllm_engine.hf_tokenizer)
+    with pytest.raises(ConfigError, match="rank 32 .* max_lora_rank=16; start the engine with max_lora_rank >= 32"):
+        inference_vllm(vllm_engine, template, [{"query": "hi"}], lora_request=LoRARequest("big", 91, str(big)))
+
+
+@pytest.mark.slow
+def test_not_an_adapter(vllm_engine, tmp_path):
+    template = get_template("qwen", vllm_engine.hf_tokenizer)
+    with pytest.raises(ConfigError, match="adapter_config.json is missing"):
+        inference_vllm(vllm_engine, template, [{"query": "hi"}], lora_request=LoRARequest("x", 92, str(tmp_path)))

@@ -1,0 +1,86 @@
+"""Greedy tokens of vLLM (CPU) equal those of transformers (+ peft): the correctness oracle."""
+
+import uuid
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from serve_app import ModelType, get_template, get_vllm_engine
+from serve_app.engines.protocol import AdapterRef, GenerationRequest, SamplingOptions
+from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    ("你好!", []),
+    ("浙江的省会在哪？", []),
+    ("这有什么好吃的", [["浙江的省会在哪？", "浙江的省会是杭州。"]]),
+    ("who are you?", []),
+    ("What is your name?", []),
+    ("Tell me a story.", []),
+]
+MAX_NEW = 40
+
+
+def prompt_ids(tokenizer):
+    template = get_template("qwen", tokenizer)
+    return [template.encode(q, h)[0] for q, h in PROMPTS]
+
+
+def vllm_greedy(engine, ids, adapter=None):
+    async def one(prompt):
+        request = GenerationRequest(uuid.uuid4().hex, tuple(prompt), SamplingOptions(max_tokens=MAX_NEW, temperature=0.0), adapter)
+        tokens = []
+        async for deltas in engine.engine.generate(request):
+            tokens += [t for d in deltas for t in d.token_ids]
+        return tokens
+
+    async def all_():
+        import asyncio
+
+        return await asyncio.gather(*(one(p) for p in ids))
+
+    return engine.run(all_())
+
+
+def hf_greedy(model, ids, eos_ids):
+    outputs = []
+    for prompt in ids:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos_ids)
+        outputs.append(out[0, len(prompt) :].tolist())
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return AutoModelForCausalLM.from_pretrained(TINY_CHAT_DIR, dtype=torch.bfloat16).eval()
+
+
+def eos_ids(engine):
+    return [engine.hf_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+
+def test_base_model_tokens_equal_transformers(vllm_engine, hf_model):
+    ids = prompt_ids(vllm_engine.hf_tokenizer)
+    assert vllm_greedy(vllm_engine, ids) == hf_greedy(hf_model, ids, eos_ids(vllm_engine))
+
+
+def test_adapter_tokens_equal_transformers_with_peft(vllm_engine, hf_model, random_adapter):
+    ids = prompt_ids(vllm_engine.hf_tokenizer)
+    for adapter_id, path in [(11, XIAO_HUANG_DIR), (12, random_adapter)]:
+        peft_model = PeftModel.from_pretrained(hf_model, str(path)).eval()
+        expected = hf_greedy(peft_model, ids, eos_ids(vllm_engine))
+        hf_model = peft_model.unload()
+        adapter = AdapterRef(f"a{adapter_id}", adapter_id, str(path))
+        assert vllm_greedy(vllm_engine, ids, adapter) == expected
+
+
+def test_tensor_parallel_2_equals_1(vllm_engine):
+    ids = prompt_ids(vllm_engine.hf_tokenizer)
+    tp2 = get_vllm_engine(ModelType.tiny_chat, tensor_parallel_size=2)
+    try:
+        assert vllm_greedy(tp2, ids) == vllm_greedy(vllm_engine, ids)
+    finally:
+        tp2.shutdown()
