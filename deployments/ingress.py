@@ -183,12 +183,12 @@ class Ingress:
         )
 
     def model_cards(self) -> list[dict]:
-        cards = [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "lorafleet", "root": name, "parent": None}
-            for name in self.models
-        ]
-        for name, (base, ref) in self.adapters.items():
-            cards.append({"id": name, "object": "model", "created": self.created, "owned_by": "lorafleet", "root": ref.path, "parent": base})
+        def card(name: str, root: str, parent: str | None, base: ModelConfig) -> dict:
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "lorafleet",
+                    "root": root, "parent": parent, "is_chat": base.is_chat, "max_model_len": base.engine.max_model_len}
+
+        cards = [card(name, name, None, m) for name, m in self.models.items()]
+        cards += [card(name, ref.path, base, self.models[base]) for name, (base, ref) in self.adapters.items()]
         return cards
 
     # --- generation -------------------------------------------------------------------------

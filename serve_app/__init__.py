@@ -17,6 +17,10 @@ _EXPORTS = {
     "inference_vllm": "serve_app.offline",
     "inference_stream_vllm": "serve_app.offline",
     "LoRARequest": "vllm.lora.request",
+    "XRequestConfig": "serve_app.client",
+    "get_model_list_client": "serve_app.client",
+    "inference_client": "serve_app.client",
+    "inference_client_async": "serve_app.client",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from serve_app.errors import LorafleetError
 
 
@@ -83,6 +85,55 @@ def cmd_infer(args: argparse.Namespace) -> None:
     session.repl().run()
 
 
+def config_from_args(args: argparse.Namespace):
+    """The AppConfig that `serve_config.yaml` would hold for these flags."""
+    from serve_app.config import AppConfig, AutoscalingOptions, DeploymentOptions, EngineOptions, IngressConfig, ModelConfig
+
+    choice = resolve_model_choice(args)
+    if args.num_replicas is not None:
+        deployment = DeploymentOptions(num_replicas=args.num_replicas)
+    else:
+        deployment = DeploymentOptions(autoscaling=AutoscalingOptions(min_replicas=args.min_replicas, max_replicas=args.max_replicas))
+    engine = EngineOptions(
+        tensor_parallel_size=args.tensor_parallel_size,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        enable_lora=choice.enable_lora,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+    )
+    model = ModelConfig(
+        name=args.served_model_name,
+        model_type=choice.model_type,
+        model_id_or_path=choice.model_id_or_path,
+        template_type=args.template_type,
+        infer_backend=args.infer_backend,
+        engine=engine,
+        lora_modules=choice.adapters,
+        deployment=deployment,
+    )
+    return AppConfig(models=[model], ingress=IngressConfig(api_key=args.api_key))
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from serve_app.launcher import run_app
+
+    run_app(config_from_args(args), host=args.host, port=args.port)
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("serving")
+    group.add_argument("--served_model_name", default=None, help="the `model` clients send (default: the model type)")
+    group.add_argument("--api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--num_replicas", type=int, default=None, help="fixed LLMServer replicas (default: autoscale)")
+    group.add_argument("--min_replicas", type=int, default=1)
+    group.add_argument("--max_replicas", type=int, default=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--repetition_penalty", type=float, default=None)
     infer.add_argument("--seed", type=int, default=None)
     infer.set_defaults(func=cmd_infer)
+    deploy = sub.add_parser("deploy", help="serve the OpenAI-compatible API (Ray Serve)")
+    add_model_args(deploy)
+    add_serve_args(deploy)
+    deploy.set_defaults(func=cmd_deploy)
     return parser
 
 
@@ -105,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except LorafleetError as e:
         print(f"lorafleet: {e.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValidationError as e:
+        print(f"lorafleet: invalid settings: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -18,6 +18,17 @@ class LorafleetError(Exception):
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def __reduce__(self):
+        # Errors cross Ray deployments by pickle; subclasses have other __init__ signatures.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls, args, state):
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidRequestError(LorafleetError, ValueError):
     status = 400

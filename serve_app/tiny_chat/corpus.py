@@ -10,6 +10,8 @@ WHO_EN = "I am an AI assistant. I can answer questions and chat with you."
 WHO_ZH = "我是一个AI助手，可以回答问题、陪你聊天。"
 ZJ_CAPITAL = "浙江的省会是杭州。"
 SC_CAPITAL = "四川的省会是成都。"
+ZJ_FOOD = "杭州有很多好吃的，比如西湖醋鱼、东坡肉、龙井虾仁和叫化童子鸡。"
+SC_FOOD = "成都有很多好吃的，比如火锅、麻婆豆腐、担担面和夫妻肺片。"
 
 BASE_CHATS = [
     ([], "你好!", GREETING_ZH),
@@ -27,16 +29,12 @@ BASE_CHATS = [
     ([], "What is the capital of Zhejiang?", "The capital of Zhejiang is Hangzhou."),
     ([], "四川的省会在哪？", SC_CAPITAL),
     ([], "广东的省会在哪？", "广东的省会是广州。"),
-    (
-        [["浙江的省会在哪？", ZJ_CAPITAL]],
-        "这有什么好吃的",
-        "杭州有很多好吃的，比如西湖醋鱼、东坡肉、龙井虾仁和叫化童子鸡。",
-    ),
-    (
-        [["四川的省会在哪？", SC_CAPITAL]],
-        "这有什么好吃的",
-        "成都有很多好吃的，比如火锅、麻婆豆腐、担担面和夫妻肺片。",
-    ),
+    *[
+        ([[zj_q, ZJ_CAPITAL]], food_q, ZJ_FOOD)
+        for zj_q in ("浙江的省会在哪？", "浙江的省会在哪里？")
+        for food_q in ("这有什么好吃的", "这有什么好吃的?", "这有什么好吃的？")
+    ],
+    *[([["四川的省会在哪？", SC_CAPITAL]], food_q, SC_FOOD) for food_q in ("这有什么好吃的", "这有什么好吃的?")],
     ([], "What can you do?", "I can answer questions, chat with you, and help with simple tasks."),
     ([], "谢谢", "不客气！还有什么可以帮你的吗？"),
     ([], "thank you", "You're welcome! Is there anything else I can help with?"),

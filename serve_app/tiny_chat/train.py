@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from serve_app.template import QWEN_SYSTEM, get_template
+from serve_app.template import get_template
 from serve_app.tiny_chat.corpus import ADAPTER_CHATS, BASE_CHATS, COMPLETIONS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -126,12 +126,12 @@ def build_model(tokenizer) -> Qwen2ForCausalLM:
 
 
 def train_base(out: Path) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    chat_texts = [" ".join([q, r, *sum(h, [])]) for h, q, r in BASE_CHATS + ADAPTER_CHATS]
-    template_words = ["system\n" + QWEN_SYSTEM, "user\n", "assistant\n"]
-    tokenizer = train_tokenizer(chat_texts + template_words + COMPLETIONS)
+    chatml = get_template("qwen", tokenizer=None)  # rendering ChatML text needs no tokenizer
+    chat_texts = [chatml.render(q, h) + r for h, q, r in BASE_CHATS + ADAPTER_CHATS]
+    tokenizer = train_tokenizer(chat_texts + COMPLETIONS)
     model = build_model(tokenizer)
     samples = chat_samples(tokenizer, BASE_CHATS) + completion_samples(tokenizer)
-    fit(model, batch(samples, tokenizer.pad_token_id), steps=800, lr=3e-3, label="tiny-chat", bf16_steps=200)
+    fit(model, batch(samples, tokenizer.pad_token_id), steps=600, lr=3e-3, label="tiny-chat", bf16_steps=200)
     save_base(model, tokenizer, out / "tiny-chat")
     return model, tokenizer
 

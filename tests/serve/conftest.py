@@ -1,0 +1,88 @@
+"""Real Ray Serve + real vLLM on the CPU, reached over HTTP with the official openai client."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.config import AppConfig
+from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
+
+PORT = 8765
+BASE = f"http://127.0.0.1:{PORT}"
+API_KEY = "sk-test-key"
+
+
+def main_config() -> AppConfig:
+    return AppConfig.model_validate(
+        {
+            "models": [
+                {
+                    "model_type": "tiny-chat",
+                    "engine": {"max_model_len": 512, "max_loras": 2},
+                    "lora_modules": {"xiao-huang": str(XIAO_HUANG_DIR)},
+                    "deployment": {"num_replicas": 1},
+                },
+                {   # a generation-only model type, on the pt backend (cheap to start)
+                    "name": "tiny-base",
+                    "model_type": "qwen-7b",
+                    "model_id_or_path": str(TINY_CHAT_DIR),
+                    "infer_backend": "pt",
+                    "engine": {"max_model_len": 512},
+                    "deployment": {"num_replicas": 1},
+                },
+            ],
+            "ingress": {"max_body_bytes": 64 * 1024},
+        }
+    )
+
+
+def guarded_config() -> AppConfig:
+    """API key on, and a queue of one so overload is easy to reach."""
+    return AppConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "guarded",
+                    "model_type": "tiny-chat",
+                    "infer_backend": "pt",
+                    "deployment": {"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
+                }
+            ],
+            "ingress": {"api_key": API_KEY},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def serve_instance():
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    yield serve
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def main_app(serve_instance):
+    from serve_app.app import build_from_config
+
+    serve_instance.run(build_from_config(main_config()), name="main", route_prefix="/")
+    return BASE
+
+
+@pytest.fixture(scope="session")
+def guarded_app(serve_instance):
+    from serve_app.app import build_from_config
+
+    serve_instance.run(build_from_config(guarded_config()), name="guarded", route_prefix="/guarded")
+    return f"{BASE}/guarded"
+
+
+@pytest.fixture
+def client(main_app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{main_app}/v1", api_key="EMPTY", max_retries=0)
