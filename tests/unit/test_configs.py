@@ -1,0 +1,72 @@
+"""serve_config.yaml, the GPU example and the KubeRay manifest parse, validate and agree."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import AppConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(path: str) -> dict:
+    return yaml.safe_load((ROOT / path).read_text())
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_config_loads_through_ray_serve_schema_and_ours(path):
+    schema = ServeDeploySchema.model_validate(load(path)) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(load(path))
+    app = schema.applications[0]
+    assert app.import_path == "serve_app.app:build_app"
+    AppConfig.model_validate(app.args)
+
+
+def test_default_config_serves_tiny_chat_and_xiao_huang():
+    config = AppConfig.model_validate(load("serve_config.yaml")["applications"][0]["args"])
+    model = config.models[0]
+    assert model.served_name == "tiny-chat" and "xiao-huang" in model.lora_modules
+    assert Path(model.lora_modules["xiao-huang"]).is_dir()
+
+
+def test_gpu_example_is_tp4_and_autoscales_1_to_4():
+    model = AppConfig.model_validate(load("serve_config.gpu.yaml")["applications"][0]["args"]).models[0]
+    assert model.engine.tensor_parallel_size == 4
+    assert (model.deployment.autoscaling.min_replicas, model.deployment.autoscaling.max_replicas) == (1, 4)
+
+
+def test_kuberay_manifest_carries_the_gpu_example():
+    manifest = load("deploy/kuberay/rayservice.yaml")
+    assert manifest["kind"] == "RayService"
+    assert yaml.safe_load(manifest["spec"]["serveConfigV2"]) == load("serve_config.gpu.yaml")
+
+
+def test_deployment_options_derive_from_tensor_parallel_size(monkeypatch):
+    from deployments.llm_server import LLMServer
+
+    monkeypatch.setenv("LORAFLEET_DEVICE", "gpu")
+    model = AppConfig.model_validate(load("serve_config.gpu.yaml")["applications"][0]["args"]).models[0]
+    options = LLMServer.get_deployment_options(model)
+    assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}] * 4
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["autoscaling_config"]["target_ongoing_requests"] == 64
+    monkeypatch.setenv("LORAFLEET_DEVICE", "cpu")
+    assert LLMServer.get_deployment_options(model)["placement_group_bundles"] == [{"CPU": 1.0}] * 4
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ({"models": [{"model_type": "tiny-chat", "enginee": {}}]}, "enginee"),
+        ({"models": [{"model_type": "tiny-chatt"}]}, "Did you mean 'tiny-chat'"),
+        ({"models": []}, "at least 1"),
+        ({"models": [{"model_type": "tiny-chat", "deployment": {"num_replicas": 2, "autoscaling": {}}}]}, "either num_replicas or autoscaling"),
+        ({"models": [{"model_type": "tiny-chat", "deployment": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}]}, "min_replicas"),
+        ({"models": [{"model_type": "tiny-chat", "lora_modules": {"tiny-chat": "/x"}}]}, "unique"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_named_problem(args, match):
+    with pytest.raises((ValidationError, ValueError), match=match):
+        AppConfig.model_validate(args)
