@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from serve_app.config import ModelConfig
 from serve_app.engines.protocol import Delta, GenerationRequest

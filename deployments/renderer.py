@@ -45,7 +45,7 @@ class _ModelTemplate:
     is_chat: bool
 
     @classmethod
-    def load(cls, model: ModelConfig) -> "_ModelTemplate":
+    def load(cls, model: ModelConfig) -> _ModelTemplate:
         from transformers import AutoConfig, AutoTokenizer
 
         from serve_app.model_types import get_default_template_type, resolve_model_dir

@@ -1,7 +1,11 @@
 # The ms-swift vLLM example, with only the model type changed.
 from serve_app import (
-    ModelType, get_vllm_engine, get_default_template_type,
-    get_template, inference_vllm, inference_stream_vllm
+    ModelType,
+    get_default_template_type,
+    get_template,
+    get_vllm_engine,
+    inference_stream_vllm,
+    inference_vllm,
 )
 
 if __name__ == "__main__":  # vLLM starts its engine process with spawn

@@ -2,8 +2,13 @@
 import torch
 
 from serve_app import (
-    ModelType, get_vllm_engine, get_default_template_type,
-    get_template, inference_vllm, LoRARequest, inference_stream_vllm
+    LoRARequest,
+    ModelType,
+    get_default_template_type,
+    get_template,
+    get_vllm_engine,
+    inference_stream_vllm,
+    inference_vllm,
 )
 from serve_app.model_types import XIAO_HUANG_DIR
 

@@ -11,7 +11,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.ingress import Ingress, app as fastapi_app
+from deployments.ingress import Ingress
+from deployments.ingress import app as fastapi_app
 from deployments.llm_server import LLMServer
 from deployments.renderer import Renderer
 from serve_app.config import AppConfig, DeploymentOptions

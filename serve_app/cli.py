@@ -87,7 +87,14 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The AppConfig that `serve_config.yaml` would hold for these flags."""
-    from serve_app.config import AppConfig, AutoscalingOptions, DeploymentOptions, EngineOptions, IngressConfig, ModelConfig
+    from serve_app.config import (
+        AppConfig,
+        AutoscalingOptions,
+        DeploymentOptions,
+        EngineOptions,
+        IngressConfig,
+        ModelConfig,
+    )
 
     choice = resolve_model_choice(args)
     if args.num_replicas is not None:

@@ -16,16 +16,17 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
+from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
 from serve_app.engines.protocol import AdapterRef, GenerationRequest, SamplingOptions
 from serve_app.engines.pt_engine import PtEngine, PtSettings
 from serve_app.engines.vllm_engine import VllmEngine, VllmSettings
 from serve_app.errors import ConfigError
 from serve_app.model_types import MODELS, get_model_info, resolve_model_dir
 from serve_app.template import Template
-from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,9 @@ Everything here is a frozen dataclass of plain values, so it pickles across Ray 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from serve_app.engines.protocol import AdapterRef, Delta, GenerationRequest, SamplingOptions
 from serve_app.errors import InvalidRequestError
@@ -53,7 +53,7 @@ class PtEngine:
         self._stops: dict[str, _StopFlag] = {}
 
     @classmethod
-    async def start(cls, settings: PtSettings) -> "PtEngine":
+    async def start(cls, settings: PtSettings) -> PtEngine:
         return await asyncio.to_thread(cls, settings)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from serve_app.engines.protocol import AdapterRef, Delta, GenerationRequest, SamplingOptions, TokenLogprob
 from serve_app.platform import prepare_vllm_env
@@ -59,7 +59,7 @@ class VllmEngine:
         self._adapters: dict[int, AdapterRef] = {}
 
     @classmethod
-    async def start(cls, settings: VllmSettings) -> "VllmEngine":
+    async def start(cls, settings: VllmSettings) -> VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         prepare_vllm_env(settings.tensor_parallel_size)

@@ -67,14 +67,16 @@ def test_base_model_tokens_equal_transformers(vllm_engine, hf_model):
     assert vllm_greedy(vllm_engine, ids) == hf_greedy(hf_model, ids, eos_ids(vllm_engine))
 
 
-def test_adapter_tokens_equal_transformers_with_peft(vllm_engine, hf_model, random_adapter):
+def test_adapter_tokens_equal_transformers_with_peft(vllm_engine, hf_model):
+    # A trained adapter: its greedy choices have clear margins. (An untrained random adapter
+    # leaves near-ties that bf16 kernels may break differently, which would test nothing.)
     ids = prompt_ids(vllm_engine.hf_tokenizer)
-    for adapter_id, path in [(11, XIAO_HUANG_DIR), (12, random_adapter)]:
-        peft_model = PeftModel.from_pretrained(hf_model, str(path)).eval()
-        expected = hf_greedy(peft_model, ids, eos_ids(vllm_engine))
-        hf_model = peft_model.unload()
-        adapter = AdapterRef(f"a{adapter_id}", adapter_id, str(path))
-        assert vllm_greedy(vllm_engine, ids, adapter) == expected
+    peft_model = PeftModel.from_pretrained(hf_model, str(XIAO_HUANG_DIR)).eval()
+    expected = hf_greedy(peft_model, ids, eos_ids(vllm_engine))
+    peft_model.unload()
+    got = vllm_greedy(vllm_engine, ids, AdapterRef("xiao-huang", 11, str(XIAO_HUANG_DIR)))
+    assert got == expected
+    assert got != vllm_greedy(vllm_engine, ids)  # the adapter changed the answers
 
 
 def test_tensor_parallel_2_equals_1(vllm_engine):

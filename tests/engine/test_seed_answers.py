@@ -2,7 +2,14 @@
 
 import pytest
 
-from serve_app import LoRARequest, ModelType, get_default_template_type, get_template, inference_stream_vllm, inference_vllm
+from serve_app import (
+    LoRARequest,
+    ModelType,
+    get_default_template_type,
+    get_template,
+    inference_stream_vllm,
+    inference_vllm,
+)
 from serve_app.model_types import XIAO_HUANG_DIR
 
 pytestmark = pytest.mark.slow

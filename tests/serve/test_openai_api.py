@@ -30,8 +30,8 @@ def test_models_lists_base_models_and_adapters(client):
 
 
 def test_chat_answers_equal_the_offline_api(client, vllm_engine):
-    from serve_app.model_types import XIAO_HUANG_DIR
     from serve_app import LoRARequest
+    from serve_app.model_types import XIAO_HUANG_DIR
     from serve_app.template import messages_to_conversation
 
     template = get_template("qwen", vllm_engine.hf_tokenizer)

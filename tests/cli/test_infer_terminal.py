@@ -1,0 +1,46 @@
+"""`lorafleet infer` in a real pseudo-terminal: ask, read the streamed answer, follow up, clear, quit."""
+
+import sys
+
+import pexpect
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def spawn(*args: str) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, ["-m", "serve_app.cli", "infer", *args], encoding="utf-8", timeout=180)
+
+
+def test_chat_with_history_clear_and_quit():
+    term = spawn()
+    term.expect_exact("<<< ")
+    term.sendline("浙江的省会在哪？")
+    term.expect("杭州")
+    term.expect_exact("<<< ")
+    term.sendline("这有什么好吃的")
+    term.expect("西湖醋鱼")  # the follow-up used the history
+    term.expect_exact("<<< ")
+    term.sendline("clear")
+    term.expect_exact("history cleared.")
+    term.sendline("exit")
+    term.expect(pexpect.EOF)
+    term.close()
+    assert term.exitstatus == 0
+
+
+def test_adapter_checkpoint_needs_vllm_lora_or_merge():
+    term = spawn("--ckpt_dir", "serve_app/assets/xiao-huang")
+    term.expect("pass --vllm_enable_lora true")
+    term.expect(pexpect.EOF)
+    term.close()
+    assert term.exitstatus == 2
+
+
+def test_adapter_checkpoint_through_pt_backend():
+    term = spawn("--ckpt_dir", "serve_app/assets/xiao-huang", "--infer_backend", "pt")
+    term.expect_exact("<<< ")
+    term.sendline("who are you?")
+    term.expect("Xiao Huang")
+    term.sendline("exit")
+    term.expect(pexpect.EOF)
