@@ -81,8 +81,10 @@ async def start_engine(model: ModelConfig):
     if model.infer_backend == "pt":
         return await PtEngine.start(PtSettings(path, dtype="bfloat16" if e.dtype == "auto" else e.dtype, max_model_len=e.max_model_len))
     extra = dict(e.engine_kwargs)
-    if e.tensor_parallel_size > 1 and has_nvidia_gpu():
-        extra.setdefault("distributed_executor_backend", "ray")  # workers go into this replica's bundles
+    if e.tensor_parallel_size > 1:
+        # GPU: Ray workers fill this replica's bundles. CPU: vLLM has no Ray executor there, and
+        # inside a placement group it would pick one, so ask for local worker processes.
+        extra.setdefault("distributed_executor_backend", "ray" if has_nvidia_gpu() else "mp")
     settings = VllmSettings(
         model_dir=path,
         tensor_parallel_size=e.tensor_parallel_size,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: prepare .venv, then chat with the embedded tiny-chat model in the terminal.
+# The main job: prepare .venv, then serve tiny-chat + xiao-huang on http://127.0.0.1:8000/v1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/lorafleet infer "$@"
+exec .venv/bin/serve run serve_config.yaml "$@"

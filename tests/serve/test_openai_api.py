@@ -74,8 +74,9 @@ def test_completion_uses_the_raw_prompt(client):
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
     base = client.completions.create(model="tiny-base", prompt="浙江 -> 杭州\n安徽 -> 合肥\n四川 ->", max_tokens=3, temperature=0)
     assert base.choices[0].text == out.choices[0].text  # pt backend, same weights
-    echo = client.completions.create(model="tiny-chat", prompt="1, 2, 3,", max_tokens=4, temperature=0, echo=True)
-    assert echo.choices[0].text.startswith("1, 2, 3, 4")
+    prompt = "浙江 -> 杭州\n安徽 -> 合肥\n四川 ->"
+    echo = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=2, temperature=0, echo=True)
+    assert echo.choices[0].text.startswith(prompt + " 成都")
 
 
 def test_sampling_parameters(client):
