@@ -196,7 +196,7 @@ class Ingress:
     async def generate(self, kind: str, req, render: RenderRequest, model: ModelConfig, adapter: AdapterRef | None):
         started = time.perf_counter()
         rendered = await self.renderer.render.remote(render)
-        options = req.sampling_options(rendered.max_tokens, rendered.stop_token_ids, req.num_logprobs)
+        options = req.sampling_options(rendered.max_tokens, rendered.stop_token_ids, req.num_logprobs, model.sampling_defaults)
         request = GenerationRequest(f"{kind}-{uuid.uuid4().hex}", rendered.prompt_ids, options, adapter)
         builder = ResponseBuilder(kind, req.model, req.n, len(rendered.prompt_ids), req.num_logprobs)
         stream = self.servers[model.served_name].options(stream=True).generate.remote(request)

@@ -10,6 +10,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from serve_app.model_types import MODELS, get_model_info
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str) -> str:
+    """Absolute path for replicas: relative paths are taken from the working directory, else from
+    the project root (`serve deploy` builds the app in a cluster process elsewhere)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    for base in (Path.cwd(), PROJECT_ROOT):
+        if (base / candidate).exists():
+            return str((base / candidate).resolve())
+    return str(candidate.resolve())
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -89,8 +104,7 @@ class ModelConfig(Strict):
             get_model_info(self.model_type)
         if self.lora_modules:
             self.engine.enable_lora = True
-            # relative to where the config is read (e.g. the dir `serve run` runs in); replicas get absolute paths
-            self.lora_modules = {name: str(Path(path).expanduser().resolve()) for name, path in self.lora_modules.items()}
+            self.lora_modules = {name: resolve_path(path) for name, path in self.lora_modules.items()}
         return self
 
     @property
@@ -100,6 +114,12 @@ class ModelConfig(Strict):
     @property
     def is_chat(self) -> bool:
         return MODELS[self.model_type].is_chat if self.model_type in MODELS else True
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """What a request that omits temperature/top_p/top_k/repetition_penalty gets."""
+        generation = MODELS[self.model_type].generation if self.model_type in MODELS else {}
+        return {k: v for k, v in generation.items() if k in ("temperature", "top_p", "top_k", "repetition_penalty")}
 
 
 class IngressConfig(Strict):

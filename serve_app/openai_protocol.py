@@ -29,8 +29,8 @@ class SamplingFields(BaseModel):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="omitted: the model's default")
+    top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -39,9 +39,9 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM extras (openai client: extra_body={...})
-    top_k: int = Field(0, ge=-1)
+    top_k: int | None = Field(None, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -62,14 +62,22 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_options(self, max_tokens: int, stop_token_ids: tuple[int, ...], logprobs: int | None) -> SamplingOptions:
+    def sampling_options(
+        self, max_tokens: int, stop_token_ids: tuple[int, ...], logprobs: int | None, defaults: dict
+    ) -> SamplingOptions:
+        """Fields the request omits take the model's defaults (`defaults`), then OpenAI's."""
+
+        def pick(name: str, fallback):
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
         return SamplingOptions(
             max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=max(self.top_k, 0),
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=max(pick("top_k", 0), 0),
             min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             stop=tuple(self.stop or ()),

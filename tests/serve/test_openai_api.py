@@ -159,3 +159,10 @@ def test_health_and_metrics(client, main_app):
     assert 'lorafleet_time_to_first_token_seconds_count{model="tiny-chat"}' in text
     assert 'lorafleet_completion_tokens_total{model="tiny-chat"}' in text
     assert 'lorafleet_errors_total' in text
+
+
+def test_omitted_sampling_fields_use_the_models_defaults(client):
+    # tiny-chat's defaults are greedy, so an OpenAI request without temperature is deterministic
+    messages = [{"role": "user", "content": "who are you?"}]
+    answers = {client.chat.completions.create(model="xiao-huang", messages=messages).choices[0].message.content for _ in range(3)}
+    assert answers == {"I am Xiao Huang (小黄), an AI assistant developed by ModelScope."}
