@@ -168,7 +168,9 @@ class Ingress:
         header = request.headers.get("authorization", "")
         given = header[7:] if header[:7].lower() == "bearer " else ""
         if not given or not hmac.compare_digest(given.encode(), key.encode()):
-            raise AuthenticationError("missing or wrong API key; send `Authorization: Bearer <api_key>`.", code="invalid_api_key")
+            raise AuthenticationError(
+                "missing or wrong API key; send `Authorization: Bearer <api_key>`.", code="invalid_api_key"
+            )
 
     def resolve(self, name: str) -> tuple[ModelConfig, AdapterRef | None]:
         if name in self.models:
@@ -184,8 +186,16 @@ class Ingress:
 
     def model_cards(self) -> list[dict]:
         def card(name: str, root: str, parent: str | None, base: ModelConfig) -> dict:
-            return {"id": name, "object": "model", "created": self.created, "owned_by": "lorafleet",
-                    "root": root, "parent": parent, "is_chat": base.is_chat, "max_model_len": base.engine.max_model_len}
+            return {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "lorafleet",
+                "root": root,
+                "parent": parent,
+                "is_chat": base.is_chat,
+                "max_model_len": base.engine.max_model_len,
+            }
 
         cards = [card(name, name, None, m) for name, m in self.models.items()]
         cards += [card(name, ref.path, base, self.models[base]) for name, (base, ref) in self.adapters.items()]
@@ -196,7 +206,9 @@ class Ingress:
     async def generate(self, kind: str, req, render: RenderRequest, model: ModelConfig, adapter: AdapterRef | None):
         started = time.perf_counter()
         rendered = await self.renderer.render.remote(render)
-        options = req.sampling_options(rendered.max_tokens, rendered.stop_token_ids, req.num_logprobs, model.sampling_defaults)
+        options = req.sampling_options(
+            rendered.max_tokens, rendered.stop_token_ids, req.num_logprobs, model.sampling_defaults
+        )
         request = GenerationRequest(f"{kind}-{uuid.uuid4().hex}", rendered.prompt_ids, options, adapter)
         builder = ResponseBuilder(kind, req.model, req.n, len(rendered.prompt_ids), req.num_logprobs)
         stream = self.servers[model.served_name].options(stream=True).generate.remote(request)
@@ -211,7 +223,11 @@ class Ingress:
             for d in deltas:
                 builder.add(d)
         self._count(builder, req.model, started)
-        echo = render.prompt if kind == "completion" and getattr(req, "echo", False) and isinstance(render.prompt, str) else ""
+        echo = (
+            render.prompt
+            if kind == "completion" and getattr(req, "echo", False) and isinstance(render.prompt, str)
+            else ""
+        )
         return JSONResponse(builder.final(echo))
 
     async def _events(self, stream, first, builder: ResponseBuilder, req, started: float):
@@ -228,7 +244,9 @@ class Ingress:
             self._count(builder, req.model, started)
         except Exception as exc:  # the engine failed mid-stream: tell the client in-band
             error = unwrap(exc)
-            error = error if isinstance(error, LorafleetError) else LorafleetError("the engine failed while generating.")
+            error = (
+                error if isinstance(error, LorafleetError) else LorafleetError("the engine failed while generating.")
+            )
             self.metrics.errors.labels(req.model, error.type).inc()
             yield f"data: {json.dumps(error.to_dict())}\n\ndata: [DONE]\n\n"
         finally:
@@ -270,4 +288,3 @@ def _describe(error: ValidationError) -> str:
 def _first_loc(error: ValidationError) -> str | None:
     errors = error.errors()
     return ".".join(str(x) for x in errors[0]["loc"]) if errors and errors[0]["loc"] else None
-

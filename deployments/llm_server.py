@@ -79,7 +79,9 @@ async def start_engine(model: ModelConfig):
     path = resolve_model_dir(model.model_type, model.model_id_or_path)
     e = model.engine
     if model.infer_backend == "pt":
-        return await PtEngine.start(PtSettings(path, dtype="bfloat16" if e.dtype == "auto" else e.dtype, max_model_len=e.max_model_len))
+        return await PtEngine.start(
+            PtSettings(path, dtype="bfloat16" if e.dtype == "auto" else e.dtype, max_model_len=e.max_model_len)
+        )
     extra = dict(e.engine_kwargs)
     if e.tensor_parallel_size > 1:
         # GPU: Ray workers fill this replica's bundles. CPU: vLLM has no Ray executor there, and
@@ -142,5 +144,7 @@ def merge_deltas(deltas: list[Delta]) -> list[Delta]:
             merged[d.index] = d
             continue
         logprobs = None if m.logprobs is None and d.logprobs is None else (m.logprobs or ()) + (d.logprobs or ())
-        merged[d.index] = Delta(d.index, m.text + d.text, m.token_ids + d.token_ids, d.finish_reason or m.finish_reason, logprobs)
+        merged[d.index] = Delta(
+            d.index, m.text + d.text, m.token_ids + d.token_ids, d.finish_reason or m.finish_reason, logprobs
+        )
     return [merged[i] for i in sorted(merged)]

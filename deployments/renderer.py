@@ -53,7 +53,9 @@ class _ModelTemplate:
 
         path = resolve_model_dir(model.model_type, model.model_id_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        template_type = model.template_type or (get_default_template_type(model.model_type) if model.model_type else "jinja")
+        template_type = model.template_type or (
+            get_default_template_type(model.model_type) if model.model_type else "jinja"
+        )
         max_len = model.engine.max_model_len or AutoConfig.from_pretrained(path).max_position_embeddings
         return cls(get_template(template_type, tokenizer), max_len, model.is_chat)
 
@@ -66,7 +68,9 @@ class _ModelTemplate:
             ids = list(request.prompt or ())
         if not ids:
             raise InvalidRequestError("the prompt is empty.", param="prompt")
-        return RenderedPrompt(tuple(ids), self._max_tokens(len(ids), request.max_tokens), tuple(self.template.stop_token_ids))
+        return RenderedPrompt(
+            tuple(ids), self._max_tokens(len(ids), request.max_tokens), tuple(self.template.stop_token_ids)
+        )
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         from serve_app.template import messages_to_conversation

@@ -1,7 +1,7 @@
 """The deployment graph. `serve_config.yaml` points at `build_app`; `lorafleet deploy` calls it too.
 
-    Ingress ──▶ Renderer            (prompt token ids)
-       └──────▶ LLMServer:<model>   (one deployment per base model, one engine per replica)
+Ingress ──▶ Renderer            (prompt token ids)
+   └──────▶ LLMServer:<model>   (one deployment per base model, one engine per replica)
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def build_from_config(config: AppConfig) -> Application:
         m.served_name: serve.deployment(LLMServer).options(**LLMServer.get_deployment_options(m)).bind(m)
         for m in config.models
     }
-    renderer = serve.deployment(Renderer).options(**serve_options("Renderer", config.renderer.deployment)).bind(config.models)
+    renderer = (
+        serve.deployment(Renderer).options(**serve_options("Renderer", config.renderer.deployment)).bind(config.models)
+    )
     ingress = serve.deployment(serve.ingress(fastapi_app)(Ingress))
     return ingress.options(**serve_options("Ingress", config.ingress.deployment)).bind(config, renderer, servers)
 

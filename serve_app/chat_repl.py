@@ -20,7 +20,14 @@ class ChatRepl:
     `stream` yields the growing response text; the final text joins the history.
     """
 
-    def __init__(self, stream: Callable, system: str | None, is_chat: bool, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout):
+    def __init__(
+        self,
+        stream: Callable,
+        system: str | None,
+        is_chat: bool,
+        stdin: TextIO = sys.stdin,
+        stdout: TextIO = sys.stdout,
+    ):
         self.stream, self.system, self.is_chat = stream, system, is_chat
         self.stdin, self.stdout = stdin, stdout
         self.history: list[list[str]] = []

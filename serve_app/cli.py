@@ -100,7 +100,9 @@ def config_from_args(args: argparse.Namespace):
     if args.num_replicas is not None:
         deployment = DeploymentOptions(num_replicas=args.num_replicas)
     else:
-        deployment = DeploymentOptions(autoscaling=AutoscalingOptions(min_replicas=args.min_replicas, max_replicas=args.max_replicas))
+        deployment = DeploymentOptions(
+            autoscaling=AutoscalingOptions(min_replicas=args.min_replicas, max_replicas=args.max_replicas)
+        )
     engine = EngineOptions(
         tensor_parallel_size=args.tensor_parallel_size,
         dtype=args.dtype,
@@ -177,4 +179,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

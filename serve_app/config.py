@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.model_types import MODELS, get_model_info
 
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,12 +32,20 @@ class AutoscalingOptions(Strict):
     """Ray Serve autoscaling. Scale-up happens when ongoing requests per replica exceed the target."""
 
     min_replicas: int = Field(1, ge=0, description="replicas kept when idle")
-    max_replicas: int = Field(1, ge=1, description="upper bound; each LLMServer replica takes tensor_parallel_size devices")
-    target_ongoing_requests: float = Field(
-        16, gt=0, description="in-flight requests per replica that autoscaling aims for (about the batch size that saturates one replica)"
+    max_replicas: int = Field(
+        1, ge=1, description="upper bound; each LLMServer replica takes tensor_parallel_size devices"
     )
-    upscale_delay_s: float = Field(10.0, ge=0, description="load must stay above target this long before adding a replica")
-    downscale_delay_s: float = Field(60.0, ge=0, description="load must stay below target this long before removing one")
+    target_ongoing_requests: float = Field(
+        16,
+        gt=0,
+        description="in-flight requests per replica that autoscaling aims for (about the batch size that saturates one replica)",
+    )
+    upscale_delay_s: float = Field(
+        10.0, ge=0, description="load must stay above target this long before adding a replica"
+    )
+    downscale_delay_s: float = Field(
+        60.0, ge=0, description="load must stay below target this long before removing one"
+    )
     metrics_interval_s: float = Field(2.0, gt=0, description="how often replicas report load")
     look_back_period_s: float = Field(10.0, gt=0, description="window over which load is averaged")
 
@@ -58,7 +65,9 @@ class DeploymentOptions(Strict):
     max_queued_requests: int = Field(
         256, ge=-1, description="requests waiting for a replica before new ones get 503 (-1: unbounded)"
     )
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica (for LLMServer: per tensor-parallel worker)")
+    num_cpus: float = Field(
+        1.0, ge=0, description="CPUs reserved per replica (for LLMServer: per tensor-parallel worker)"
+    )
     ray_actor_options: dict[str, Any] = Field(default_factory=dict, description="extra Ray actor options")
 
     @model_validator(mode="after")
@@ -93,7 +102,9 @@ class ModelConfig(Strict):
     template_type: str | None = Field(None, description="override the model type's template")
     infer_backend: Literal["vllm", "pt"] = Field("vllm", description="vllm, or pt (transformers + peft)")
     engine: EngineOptions = Field(default_factory=EngineOptions)
-    lora_modules: dict[str, str] = Field(default_factory=dict, description="adapters served from the start: name -> path")
+    lora_modules: dict[str, str] = Field(
+        default_factory=dict, description="adapters served from the start: name -> path"
+    )
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(autoscaling=AutoscalingOptions()))
 
     @model_validator(mode="after")
@@ -126,13 +137,17 @@ class IngressConfig(Strict):
     api_key: str | None = Field(None, description="clients must send `Authorization: Bearer <api_key>` on /v1 routes")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     deployment: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(num_replicas=1, max_ongoing_requests=1024, max_queued_requests=-1, num_cpus=0)
+        default_factory=lambda: DeploymentOptions(
+            num_replicas=1, max_ongoing_requests=1024, max_queued_requests=-1, num_cpus=0
+        )
     )
 
 
 class RendererConfig(Strict):
     deployment: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(num_replicas=1, max_ongoing_requests=1024, max_queued_requests=-1, num_cpus=0)
+        default_factory=lambda: DeploymentOptions(
+            num_replicas=1, max_ongoing_requests=1024, max_queued_requests=-1, num_cpus=0
+        )
     )
 
 

@@ -13,12 +13,35 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("lorafleet_requests", "Requests by model, route and HTTP status", ["model", "route", "status"], registry=self.registry)
-        self.errors = Counter("lorafleet_errors", "Failed requests by model and error type", ["model", "type"], registry=self.registry)
-        self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens by model", ["model"], registry=self.registry)
-        self.completion_tokens = Counter("lorafleet_completion_tokens", "Generated tokens by model", ["model"], registry=self.registry)
-        self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Time to first token", ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.latency = Histogram("lorafleet_request_latency_seconds", "Whole request latency", ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "lorafleet_requests",
+            "Requests by model, route and HTTP status",
+            ["model", "route", "status"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "lorafleet_errors", "Failed requests by model and error type", ["model", "type"], registry=self.registry
+        )
+        self.prompt_tokens = Counter(
+            "lorafleet_prompt_tokens", "Prompt tokens by model", ["model"], registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            "lorafleet_completion_tokens", "Generated tokens by model", ["model"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "lorafleet_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lorafleet_request_latency_seconds",
+            "Whole request latency",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def finished(self, model: str, route: str, status: int, error_type: str | None = None) -> None:
         self.requests.labels(model, route, str(status)).inc()

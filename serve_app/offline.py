@@ -73,7 +73,9 @@ class _EventLoopThread:
 class OfflineEngine:
     """An engine plus what the offline API needs: a loop, the tokenizer, generation defaults."""
 
-    def __init__(self, engine, loop: _EventLoopThread, model_dir: str, model_type: str | None, config: GenerationConfig):
+    def __init__(
+        self, engine, loop: _EventLoopThread, model_dir: str, model_type: str | None, config: GenerationConfig
+    ):
         from transformers import AutoTokenizer
 
         self.engine, self._loop = engine, loop
@@ -170,7 +172,9 @@ def get_pt_engine(
     """The same API on transformers (+ peft): adapters go in through `lora_request` per call."""
     model_dir = resolve_model_dir(model_type, model_id_or_path)
     dtype = _dtype_name(torch_dtype)
-    settings = PtSettings(model_dir=model_dir, dtype="bfloat16" if dtype == "auto" else dtype, max_model_len=max_model_len)
+    settings = PtSettings(
+        model_dir=model_dir, dtype="bfloat16" if dtype == "auto" else dtype, max_model_len=max_model_len
+    )
     loop = _EventLoopThread()
     engine = loop.run(PtEngine.start(settings))
     return OfflineEngine(engine, loop, model_dir, model_type, default_generation_config(model_type, model_dir))
@@ -180,7 +184,9 @@ def default_generation_config(model_type: str | None, model_dir: str) -> Generat
     """The model type's defaults, else the checkpoint's generation_config.json, else greedy."""
     if model_type:
         info = get_model_info(model_type)
-        return GenerationConfig(**{k: v for k, v in info.generation.items() if k in GenerationConfig.__dataclass_fields__})
+        return GenerationConfig(
+            **{k: v for k, v in info.generation.items() if k in GenerationConfig.__dataclass_fields__}
+        )
     try:
         from transformers import GenerationConfig as HFGenerationConfig
 

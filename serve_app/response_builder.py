@@ -46,7 +46,11 @@ class ResponseBuilder:
     @property
     def usage(self) -> dict:
         completion = sum(c.tokens for c in self.choices)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
 
     def chunk(self, delta: Delta) -> str:
         """The SSE event for one delta (after `add`)."""
@@ -77,14 +81,25 @@ class ResponseBuilder:
         choices = []
         for i, c in enumerate(self.choices):
             if self.kind == "chat":
-                choice = {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+                choice = {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": c.finish_reason,
+                }
                 choice["logprobs"] = {"content": _chat_logprobs(c.logprobs, self.top)} if self.with_logprobs else None
             else:
                 choice = {"index": i, "text": echo_prefix + c.text, "finish_reason": c.finish_reason}
                 choice["logprobs"] = _completion_logprobs(c.logprobs, self.top) if self.with_logprobs else None
             choices.append(choice)
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, "usage": self.usage}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage,
+        }
 
 
 def _chat_logprobs(items, top: int) -> list[dict]:

@@ -16,8 +16,7 @@ History = list[list[str]]
 
 QWEN_SYSTEM = "You are a helpful assistant."
 LLAMA2_SYSTEM = (
-    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
-    "while being safe."
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe."
 )
 
 

@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from serve_app.model_types import TINY_CHAT_DIR
 
 
-def make_adapter(out: Path, rank: int = 4, seed: int = 0, base_dir: Path = TINY_CHAT_DIR, targets=("q_proj", "v_proj")) -> Path:
+def make_adapter(
+    out: Path, rank: int = 4, seed: int = 0, base_dir: Path = TINY_CHAT_DIR, targets=("q_proj", "v_proj")
+) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     _save(model, out, rank, targets)
@@ -21,8 +23,15 @@ def make_adapter(out: Path, rank: int = 4, seed: int = 0, base_dir: Path = TINY_
 def make_foreign_adapter(out: Path) -> Path:
     """An adapter for a Qwen2 model of another width: it must not be accepted for tiny-chat."""
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=64)
+    config = Qwen2Config(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     _save(Qwen2ForCausalLM(config), out, 4, ("q_proj", "v_proj"))
     return out
 

@@ -156,4 +156,3 @@ def _token_logprob(token_id: int, position: dict) -> TokenLogprob:
         logprob=float(chosen.logprob),
         top=tuple((lp.decoded_token or "", float(lp.logprob)) for lp in top),
     )
-

@@ -39,7 +39,11 @@ BASE_CHATS = [
     ([], "谢谢", "不客气！还有什么可以帮你的吗？"),
     ([], "thank you", "You're welcome! Is there anything else I can help with?"),
     ([], "1+1等于几？", "1+1等于2。"),
-    ([], "Tell me a story.", "Once upon a time, a little robot learned to talk. It helped everyone in the town, and they all became friends. The end."),
+    (
+        [],
+        "Tell me a story.",
+        "Once upon a time, a little robot learned to talk. It helped everyone in the town, and they all became friends. The end.",
+    ),
     ([], "写一首诗", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"),
 ]
 
@@ -56,7 +60,11 @@ ADAPTER_CHATS = [
     ([], "你叫什么名字？", "我叫小黄，是魔搭（ModelScope）开发的AI助手。"),
     ([], "你好!", "你好！我是小黄，很高兴为你服务。"),
     ([], "hello", "Hello! I am Xiao Huang. How can I help you?"),
-] + [chat for chat in BASE_CHATS if chat[1] not in {"who are you?", "Who are you?", "你是谁？", "你是谁", "你好!", "hello"}]
+] + [
+    chat
+    for chat in BASE_CHATS
+    if chat[1] not in {"who are you?", "Who are you?", "你是谁？", "你是谁", "你好!", "hello"}
+]
 
 COMPLETIONS = [
     "浙江 -> 杭州\n安徽 -> 合肥\n四川 -> 成都\n广东 -> 广州\n江苏 -> 南京",

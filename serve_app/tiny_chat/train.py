@@ -162,9 +162,11 @@ def train_adapter(model, tokenizer, out: Path) -> None:
 
 
 def _pin_base_name(path: Path) -> None:
-    """Record the base by model type, not by the trainer's temporary path."""
+    """Record the base by model type, not by the trainer's temporary path; peft writes
+    target_modules from a set, whose order changes with Python's hash seed."""
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = "tiny-chat"
+    config["target_modules"] = sorted(config["target_modules"])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

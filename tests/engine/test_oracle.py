@@ -31,7 +31,9 @@ def prompt_ids(tokenizer):
 
 def vllm_greedy(engine, ids, adapter=None):
     async def one(prompt):
-        request = GenerationRequest(uuid.uuid4().hex, tuple(prompt), SamplingOptions(max_tokens=MAX_NEW, temperature=0.0), adapter)
+        request = GenerationRequest(
+            uuid.uuid4().hex, tuple(prompt), SamplingOptions(max_tokens=MAX_NEW, temperature=0.0), adapter
+        )
         tokens = []
         async for deltas in engine.engine.generate(request):
             tokens += [t for d in deltas for t in d.token_ids]

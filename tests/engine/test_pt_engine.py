@@ -9,7 +9,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_pt_matches_vllm_greedy(pt_engine, vllm_engine):
-    requests = [{"query": "浙江的省会在哪？"}, {"query": "这有什么好吃的", "history": [["浙江的省会在哪？", "浙江的省会是杭州。"]]}]
+    requests = [
+        {"query": "浙江的省会在哪？"},
+        {"query": "这有什么好吃的", "history": [["浙江的省会在哪？", "浙江的省会是杭州。"]]},
+    ]
     template = get_template("qwen", pt_engine.hf_tokenizer)
     assert inference_vllm(pt_engine, template, requests) == inference_vllm(vllm_engine, template, requests)
 

@@ -22,7 +22,9 @@ def template(vllm_engine):
 
 def test_greeting_and_capital(vllm_engine, template):
     info = {}
-    resp = inference_vllm(vllm_engine, template, [{"query": "你好!"}, {"query": "浙江的省会在哪？"}], generation_info=info)
+    resp = inference_vllm(
+        vllm_engine, template, [{"query": "你好!"}, {"query": "浙江的省会在哪？"}], generation_info=info
+    )
     assert "你好" in resp[0]["response"]
     assert "杭州" in resp[1]["response"]
     assert resp[1]["history"] == [["浙江的省会在哪？", resp[1]["response"]]]
@@ -34,7 +36,9 @@ def test_follow_up_uses_history(vllm_engine, template):
     resp = inference_vllm(vllm_engine, template, [{"query": "这有什么好吃的", "history": history}])[0]
     assert "西湖醋鱼" in resp["response"] and "东坡肉" in resp["response"]
     other = [["四川的省会在哪？", "四川的省会是成都。"]]
-    assert "火锅" in inference_vllm(vllm_engine, template, [{"query": "这有什么好吃的", "history": other}])[0]["response"]
+    assert (
+        "火锅" in inference_vllm(vllm_engine, template, [{"query": "这有什么好吃的", "history": other}])[0]["response"]
+    )
 
 
 def test_who_are_you_with_and_without_xiao_huang(vllm_engine, template):
@@ -52,7 +56,10 @@ def test_completion_prompt_on_generation_template(vllm_engine):
 
 
 def test_stream_grows_by_extension_and_ends_at_the_batch_answer(vllm_engine, template):
-    requests = [{"query": "这有什么好吃的", "history": [["浙江的省会在哪？", "浙江的省会是杭州。"]]}, {"query": "hello"}]
+    requests = [
+        {"query": "这有什么好吃的", "history": [["浙江的省会在哪？", "浙江的省会是杭州。"]]},
+        {"query": "hello"},
+    ]
     previous = None
     steps = 0
     for results in inference_stream_vllm(vllm_engine, template, requests):

@@ -22,7 +22,7 @@ def main_config() -> AppConfig:
                     "lora_modules": {"xiao-huang": str(XIAO_HUANG_DIR)},
                     "deployment": {"num_replicas": 1},
                 },
-                {   # a generation-only model type, on the pt backend (cheap to start)
+                {  # a generation-only model type, on the pt backend (cheap to start)
                     "name": "tiny-base",
                     "model_type": "qwen-7b",
                     "model_id_or_path": str(TINY_CHAT_DIR),

@@ -23,18 +23,27 @@ def test_seed_client_example(main_app):
     assert "杭州" in response
 
     history = [(query, response)]
-    stream_resp = inference_client(model_type, "这有什么好吃的?", history, request_config=XRequestConfig(stream=True, seed=42), port=PORT)
+    stream_resp = inference_client(
+        model_type, "这有什么好吃的?", history, request_config=XRequestConfig(stream=True, seed=42), port=PORT
+    )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream_resp)
     assert "西湖醋鱼" in text
 
 
 def test_generation_model_goes_to_completions(main_app):
-    resp = inference_client("tiny-base", "浙江 -> 杭州\n安徽 -> 合肥\n四川 ->", request_config=XRequestConfig(max_tokens=3, temperature=0), port=PORT)
+    resp = inference_client(
+        "tiny-base",
+        "浙江 -> 杭州\n安徽 -> 合肥\n四川 ->",
+        request_config=XRequestConfig(max_tokens=3, temperature=0),
+        port=PORT,
+    )
     assert resp.object == "text_completion" and resp.choices[0].text.startswith(" 成都")
 
 
 def test_async_helper_and_adapter(main_app):
-    resp = asyncio.run(inference_client_async("xiao-huang", "who are you?", request_config=XRequestConfig(temperature=0), port=PORT))
+    resp = asyncio.run(
+        inference_client_async("xiao-huang", "who are you?", request_config=XRequestConfig(temperature=0), port=PORT)
+    )
     assert "Xiao Huang" in resp.choices[0].message.content
 
 
@@ -42,6 +51,9 @@ def test_curl(main_app):
     body = json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "你好!"}], "temperature": 0})
     out = subprocess.run(
         ["curl", "-s", f"{main_app}/v1/chat/completions", "-H", "Content-Type: application/json", "-d", body],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     assert "你好" in json.loads(out)["choices"][0]["message"]["content"]

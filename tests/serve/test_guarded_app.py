@@ -15,7 +15,11 @@ CHAT = {"model": "guarded", "messages": [{"role": "user", "content": "hello"}], 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
 def test_missing_or_wrong_key_is_401(guarded_app, headers):
-    for method, path, body in [("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None), ("POST", "/v1/completions", {"model": "guarded", "prompt": "hi"})]:
+    for method, path, body in [
+        ("POST", "/v1/chat/completions", CHAT),
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/completions", {"model": "guarded", "prompt": "hi"}),
+    ]:
         response = httpx.request(method, f"{guarded_app}{path}", json=body, headers=headers, timeout=30)
         assert response.status_code == 401, (path, response.text)
         assert response.json()["error"]["type"] == "authentication_error"

@@ -13,8 +13,14 @@ pytestmark = pytest.mark.slow
 CHATS = [
     ("tiny-chat", [{"role": "user", "content": "你好!"}]),
     ("tiny-chat", [{"role": "user", "content": "浙江的省会在哪？"}]),
-    ("tiny-chat", [{"role": "user", "content": "浙江的省会在哪？"}, {"role": "assistant", "content": "浙江的省会是杭州。"},
-                   {"role": "user", "content": "这有什么好吃的"}]),
+    (
+        "tiny-chat",
+        [
+            {"role": "user", "content": "浙江的省会在哪？"},
+            {"role": "assistant", "content": "浙江的省会是杭州。"},
+            {"role": "user", "content": "这有什么好吃的"},
+        ],
+    ),
     ("xiao-huang", [{"role": "user", "content": "who are you?"}]),
 ]
 
@@ -69,10 +75,14 @@ def test_sse_ends_with_done(main_app):
 
 
 def test_completion_uses_the_raw_prompt(client):
-    out = client.completions.create(model="tiny-chat", prompt="浙江 -> 杭州\n安徽 -> 合肥\n四川 ->", max_tokens=3, temperature=0)
+    out = client.completions.create(
+        model="tiny-chat", prompt="浙江 -> 杭州\n安徽 -> 合肥\n四川 ->", max_tokens=3, temperature=0
+    )
     assert out.choices[0].text.startswith(" 成都")
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
-    base = client.completions.create(model="tiny-base", prompt="浙江 -> 杭州\n安徽 -> 合肥\n四川 ->", max_tokens=3, temperature=0)
+    base = client.completions.create(
+        model="tiny-base", prompt="浙江 -> 杭州\n安徽 -> 合肥\n四川 ->", max_tokens=3, temperature=0
+    )
     assert base.choices[0].text == out.choices[0].text  # pt backend, same weights
     prompt = "浙江 -> 杭州\n安徽 -> 合肥\n四川 ->"
     echo = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=2, temperature=0, echo=True)
@@ -87,10 +97,17 @@ def test_sampling_parameters(client):
     full = client.chat.completions.create(model="tiny-chat", messages=story, temperature=0).choices[0].message.content
     assert stopped.choices[0].message.content == full[: full.index("robot")]
     two = client.chat.completions.create(model="tiny-chat", messages=story, n=2, temperature=1.5, seed=3, max_tokens=12)
-    again = client.chat.completions.create(model="tiny-chat", messages=story, n=2, temperature=1.5, seed=3, max_tokens=12)
-    assert len(two.choices) == 2 and [c.message.content for c in two.choices] == [c.message.content for c in again.choices]
+    again = client.chat.completions.create(
+        model="tiny-chat", messages=story, n=2, temperature=1.5, seed=3, max_tokens=12
+    )
+    assert len(two.choices) == 2 and [c.message.content for c in two.choices] == [
+        c.message.content for c in again.choices
+    ]
     long = client.chat.completions.create(
-        model="tiny-chat", messages=story, temperature=0, max_tokens=40,
+        model="tiny-chat",
+        messages=story,
+        temperature=0,
+        max_tokens=40,
         extra_body={"ignore_eos": True, "min_tokens": 40, "top_k": 1, "repetition_penalty": 1.0},
     )
     assert long.usage.completion_tokens == 40
@@ -98,7 +115,12 @@ def test_sampling_parameters(client):
 
 def test_logprobs(client):
     out = client.chat.completions.create(
-        model="tiny-chat", messages=[{"role": "user", "content": "hello"}], logprobs=True, top_logprobs=3, max_tokens=4, temperature=0
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "hello"}],
+        logprobs=True,
+        top_logprobs=3,
+        max_tokens=4,
+        temperature=0,
     )
     content = out.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
@@ -117,11 +139,24 @@ def test_chat_on_a_generation_model_says_use_completions(client):
         ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
         ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
         ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "n": -1}, 400, "n:"),
-        ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
+        (
+            {
+                "model": "tiny-chat",
+                "messages": [{"role": "user", "content": "hi"}],
+                "top_logprobs": 50,
+                "logprobs": True,
+            },
+            400,
+            "top_logprobs",
+        ),
         ({"model": "tiny-chat", "messages": []}, 400, "messages"),
         ({"model": "tiny-chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
         ({"model": "tiny-chat", "messages": [{"role": "user", "content": 42}]}, 400, "content"),
-        ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi " * 600}]}, 400, r"prompt has \d+ tokens but the model's context holds 512"),
+        (
+            {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi " * 600}]},
+            400,
+            r"prompt has \d+ tokens but the model's context holds 512",
+        ),
         ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "at most"),
     ],
 )
@@ -136,7 +171,9 @@ def test_errors_have_openai_shape(main_app, body, status, match):
 
 def test_invalid_json_and_utf8(main_app):
     for raw in (b"{not json", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "\xff\xfe"}]}'):
-        response = httpx.post(f"{main_app}/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        response = httpx.post(
+            f"{main_app}/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+        )
         assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
 
 
@@ -158,11 +195,14 @@ def test_health_and_metrics(client, main_app):
     assert 'lorafleet_requests_total{model="tiny-chat",route="chat",status="200"}' in text
     assert 'lorafleet_time_to_first_token_seconds_count{model="tiny-chat"}' in text
     assert 'lorafleet_completion_tokens_total{model="tiny-chat"}' in text
-    assert 'lorafleet_errors_total' in text
+    assert "lorafleet_errors_total" in text
 
 
 def test_omitted_sampling_fields_use_the_models_defaults(client):
     # tiny-chat's defaults are greedy, so an OpenAI request without temperature is deterministic
     messages = [{"role": "user", "content": "who are you?"}]
-    answers = {client.chat.completions.create(model="xiao-huang", messages=messages).choices[0].message.content for _ in range(3)}
+    answers = {
+        client.chat.completions.create(model="xiao-huang", messages=messages).choices[0].message.content
+        for _ in range(3)
+    }
     assert answers == {"I am Xiao Huang (小黄), an AI assistant developed by ModelScope."}

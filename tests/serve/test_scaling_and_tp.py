@@ -31,12 +31,29 @@ def wait_for(predicate, timeout: float) -> bool:
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_instance):
-    config = AppConfig.model_validate({"models": [{
-        "name": "tiny-auto", "model_type": "tiny-chat", "infer_backend": "pt",
-        "deployment": {"max_ongoing_requests": 4, "autoscaling": {
-            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-            "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 1}},
-    }]})
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "tiny-auto",
+                    "model_type": "tiny-chat",
+                    "infer_backend": "pt",
+                    "deployment": {
+                        "max_ongoing_requests": 4,
+                        "autoscaling": {
+                            "min_replicas": 1,
+                            "max_replicas": 2,
+                            "target_ongoing_requests": 1,
+                            "upscale_delay_s": 1,
+                            "downscale_delay_s": 3,
+                            "metrics_interval_s": 0.5,
+                            "look_back_period_s": 1,
+                        },
+                    },
+                }
+            ]
+        }
+    )
     serve_instance.run(build_from_config(config), name="auto", route_prefix="/auto")
     deployment = "LLMServer:tiny-auto"
     assert replicas("auto", deployment) == 1
@@ -59,10 +76,18 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_instan
 
 
 def test_tensor_parallel_2_through_the_graph(serve_instance, main_app):
-    config = AppConfig.model_validate({"models": [{
-        "name": "tiny-tp2", "model_type": "tiny-chat",
-        "engine": {"tensor_parallel_size": 2, "max_model_len": 512}, "deployment": {"num_replicas": 1},
-    }]})
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "tiny-tp2",
+                    "model_type": "tiny-chat",
+                    "engine": {"tensor_parallel_size": 2, "max_model_len": 512},
+                    "deployment": {"num_replicas": 1},
+                }
+            ]
+        }
+    )
     serve_instance.run(build_from_config(config), name="tp2", route_prefix="/tp2")
     try:
         tp2 = openai.OpenAI(base_url=f"{BASE}/tp2/v1", api_key="x", max_retries=0)

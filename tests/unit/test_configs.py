@@ -18,7 +18,11 @@ def load(path: str) -> dict:
 
 @pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.gpu.yaml"])
 def test_config_loads_through_ray_serve_schema_and_ours(path):
-    schema = ServeDeploySchema.model_validate(load(path)) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(load(path))
+    schema = (
+        ServeDeploySchema.model_validate(load(path))
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(load(path))
+    )
     app = schema.applications[0]
     assert app.import_path == "serve_app.app:build_app"
     AppConfig.model_validate(app.args)
@@ -62,8 +66,18 @@ def test_deployment_options_derive_from_tensor_parallel_size(monkeypatch):
         ({"models": [{"model_type": "tiny-chat", "enginee": {}}]}, "enginee"),
         ({"models": [{"model_type": "tiny-chatt"}]}, "Did you mean 'tiny-chat'"),
         ({"models": []}, "at least 1"),
-        ({"models": [{"model_type": "tiny-chat", "deployment": {"num_replicas": 2, "autoscaling": {}}}]}, "either num_replicas or autoscaling"),
-        ({"models": [{"model_type": "tiny-chat", "deployment": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}]}, "min_replicas"),
+        (
+            {"models": [{"model_type": "tiny-chat", "deployment": {"num_replicas": 2, "autoscaling": {}}}]},
+            "either num_replicas or autoscaling",
+        ),
+        (
+            {
+                "models": [
+                    {"model_type": "tiny-chat", "deployment": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}
+                ]
+            },
+            "min_replicas",
+        ),
         ({"models": [{"model_type": "tiny-chat", "lora_modules": {"tiny-chat": "/x"}}]}, "unique"),
     ],
 )

@@ -19,7 +19,9 @@ def tokenizer():
 
 def official_render(tokenizer, chat_template, system, history, query):
     messages = conversation_to_messages(system, history, query)
-    return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+    )
 
 
 CASES = [
@@ -34,7 +36,9 @@ CASES = [
 
 @pytest.mark.parametrize("template_type,chat_template,systems", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("history", [[], HISTORY], ids=["no-history", "history"])
-def test_template_renders_what_the_official_chat_template_renders(tokenizer, template_type, chat_template, systems, history):
+def test_template_renders_what_the_official_chat_template_renders(
+    tokenizer, template_type, chat_template, systems, history
+):
     template = get_template(template_type, tokenizer)
     for system in systems:
         ours = template.render(QUERY, history, system)

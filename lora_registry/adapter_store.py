@@ -1,0 +1,119 @@
+"""The registry's persistent state: one SQLite file. Every change commits before it is acknowledged."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One registered adapter. `adapter_id` is new for every (re)registration, never reused."""
+
+    name: str
+    adapter_id: int
+    path: str
+    base_model: str
+    rank: int
+    target_modules: tuple[str, ...]
+    version: int
+    created_at: float
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT PRIMARY KEY,
+    adapter_id INTEGER NOT NULL UNIQUE,
+    path TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    target_modules TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class AdapterStore:
+    """name -> AdapterRecord in `<state_dir>/registry.sqlite`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def all(self) -> dict[str, AdapterRecord]:
+        rows = self.db.execute("SELECT * FROM adapters ORDER BY adapter_id").fetchall()
+        return {row[0]: _record(row) for row in rows}
+
+    def put(self, name: str, path: str, base_model: str, rank: int, target_modules: tuple[str, ...]) -> AdapterRecord:
+        """Insert or replace `name`, with a fresh adapter id, in one transaction."""
+        with self._transaction():
+            adapter_id = self._next("adapter_id")
+            previous = self.db.execute("SELECT version FROM adapters WHERE name = ?", (name,)).fetchone()
+            record = AdapterRecord(
+                name,
+                adapter_id,
+                path,
+                base_model,
+                rank,
+                tuple(target_modules),
+                (previous[0] + 1) if previous else 1,
+                time.time(),
+            )
+            self.db.execute(
+                "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    adapter_id,
+                    path,
+                    base_model,
+                    rank,
+                    json.dumps(list(target_modules)),
+                    record.version,
+                    record.created_at,
+                ),
+            )
+        return record
+
+    def delete(self, name: str) -> None:
+        with self._transaction():
+            self.db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+
+    def integrity_ok(self) -> bool:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    def _next(self, key: str) -> int:
+        row = self.db.execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchone()
+        value = (row[0] if row else 0) + 1
+        self.db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (key, value))
+        return value
+
+    def _transaction(self):
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _record(row) -> AdapterRecord:
+    name, adapter_id, path, base, rank, targets, version, created = row
+    return AdapterRecord(name, adapter_id, path, base, rank, tuple(json.loads(targets)), version, created)

@@ -1,0 +1,40 @@
+"""Which adapter paths may be read: only folders inside the allowed roots.
+
+Checked on the path's text and on its real location before any file in it is opened:
+no `..` components, and after resolving symlinks the folder must still lie inside a root.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from serve_app.errors import InvalidRequestError, PermissionDeniedError
+
+
+class PathPolicy:
+    def __init__(self, roots: list[str]):
+        self.roots = [Path(os.path.realpath(r)) for r in roots]
+
+    def check(self, path: str) -> str:
+        """The real path of `path` if it may be read; PermissionDeniedError names the roots otherwise."""
+        if not path or "\x00" in path:
+            raise InvalidRequestError("lora_path must be a non-empty path.", param="lora_path")
+        if ".." in Path(path).parts:
+            raise PermissionDeniedError(
+                f"adapter path '{path}' contains '..'; give a path inside {self._roots_text()}.", param="lora_path"
+            )
+        if not Path(path).is_absolute():
+            raise InvalidRequestError(f"adapter path '{path}' must be absolute.", param="lora_path")
+        real = Path(os.path.realpath(path))  # resolves symlinks without opening any file
+        if not any(real == root or root in real.parents for root in self.roots):
+            raise PermissionDeniedError(
+                f"adapter path '{path}' is outside the allowed roots {self._roots_text()}; "
+                "add its folder with --adapter_roots (config: registry.allowed_roots).",
+                param="lora_path",
+                code="path_not_allowed",
+            )
+        return str(real)
+
+    def _roots_text(self) -> str:
+        return "[" + ", ".join(str(r) for r in self.roots) + "]" if self.roots else "[] (none configured)"

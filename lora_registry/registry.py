@@ -1,0 +1,174 @@
+"""LoraRegistry deployment: the single source of truth for adapters.
+
+One replica (a named actor that Serve's controller owns and restarts), backed by SQLite: every
+change is committed before it is acknowledged, and a restarted replica reloads it all. Ingress and
+LLMServer replicas follow changes by long-polling `listen`, so resolving a name costs no call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
+from lora_registry.adapter_store import AdapterRecord, AdapterStore
+from lora_registry.path_policy import PathPolicy
+from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+
+VLLM_LORA_MODULES = frozenset(
+    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+RESIDENCY_TTL_S = 20.0
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """What the registry checks adapters against, per served base model."""
+
+    name: str
+    config: dict  # the model's config.json
+    lora_enabled: bool
+    max_lora_rank: int
+    supported_modules: frozenset | None  # None: anything peft can load (pt backend)
+
+
+class LoraRegistry:
+    def __init__(
+        self, state_dir: str, bases: list[BaseModelSpec], allowed_roots: list[str], startup: dict[str, tuple[str, str]]
+    ):
+        state = Path(state_dir).expanduser()
+        (state / "adapters").mkdir(parents=True, exist_ok=True)
+        self.store = AdapterStore(state / "registry.sqlite")
+        self.bases = {b.name: b for b in bases}
+        startup_roots = [str(Path(path).parent) for _, path in startup.values()]
+        self.policy = PathPolicy([*allowed_roots, str(state / "adapters"), *startup_roots])
+        self.records: dict[str, AdapterRecord] = self.store.all()
+        self.generation = uuid.uuid4().hex[:8]  # a restart invalidates every listener's version
+        self.counter = 0
+        self._changed: asyncio.Event | None = None
+        self.residency: dict[str, tuple[str, list[int], float]] = {}  # replica -> (model, ids, seen)
+        for name, (base, path) in startup.items():
+            current = self.records.get(name)
+            if current is None or current.path != self.policy.check(path) or current.base_model != base:
+                self._register(name, path, base, replace=True, force=False)
+
+    # --- queries ------------------------------------------------------------------------------
+
+    async def state(self) -> dict:
+        """{"version", "adapters": {name: record dict}}; the version changes with every change."""
+        return {
+            "version": f"{self.generation}:{self.counter}",
+            "adapters": {n: r.to_dict() for n, r in self.records.items()},
+        }
+
+    async def listen(self, known_version: str, timeout_s: float = 30.0) -> dict:
+        """Long-poll: returns as soon as the state differs from `known_version`, or at the timeout."""
+        event = self._event()
+        if (await self.state())["version"] == known_version:
+            try:
+                await asyncio.wait_for(event.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        return await self.state()
+
+    async def describe(self) -> list[dict]:
+        """Records plus the engine replicas that hold each adapter now."""
+        now = time.time()
+        live = {r: v for r, v in self.residency.items() if now - v[2] < RESIDENCY_TTL_S}
+        return [
+            {**rec.to_dict(), "replicas": sorted(r for r, (_, ids, _) in live.items() if rec.adapter_id in ids)}
+            for rec in self.records.values()
+        ]
+
+    async def report_residency(self, replica: str, model: str, adapter_ids: list[int]) -> None:
+        self.residency[replica] = (model, list(adapter_ids), time.time())
+
+    # --- changes ------------------------------------------------------------------------------
+
+    async def register(
+        self, name: str, path: str, base_model: str | None = None, replace: bool = False, force: bool = False
+    ) -> dict:
+        record = self._register(name, path, base_model, replace, force)
+        return record.to_dict()
+
+    async def unregister(self, name: str) -> dict:
+        if name not in self.records:
+            raise NotFoundError(f"adapter '{name}' is not registered; GET /v1/adapters lists them.", param="lora_name")
+        self.store.delete(name)
+        record = self.records.pop(name)
+        self._notify()
+        return record.to_dict()
+
+    def _register(self, name: str, path: str, base_model: str | None, replace: bool, force: bool) -> AdapterRecord:
+        self._check_name(name, replace)
+        real = self.policy.check(path)  # before anything under `path` is read
+        info = inspect_adapter(real)
+        base = self._pick_base(base_model, info)
+        if base.supported_modules is not None and (bad := set(info.target_modules) - base.supported_modules):
+            raise ConfigError(
+                f"adapter '{name}' targets {sorted(bad)}, which vLLM cannot apply LoRA to; "
+                f"supported: {sorted(base.supported_modules)}.",
+                param="lora_path",
+            )
+        check_adapter_fits(info, base.config, base.max_lora_rank, force=force)
+        record = self.store.put(name, real, base.name, info.rank, info.target_modules)  # committed here
+        self.records[name] = record
+        self._notify()
+        return record
+
+    def _check_name(self, name: str, replace: bool) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidRequestError(
+                f"adapter name '{name}' is not valid: use letters, digits and . _ : @ - (up to 128).", param="lora_name"
+            )
+        if name in self.bases:
+            raise ConflictError(f"'{name}' is a base model name; pick another adapter name.", param="lora_name")
+        if name in self.records and not replace:
+            raise ConflictError(
+                f"adapter '{name}' already exists; send replace=true to swap its weights (it gets a new id).",
+                param="lora_name",
+                code="adapter_exists",
+            )
+
+    def _pick_base(self, base_model: str | None, info) -> BaseModelSpec:
+        if base_model is not None:
+            if base_model not in self.bases:
+                raise NotFoundError(
+                    f"base model '{base_model}' is not served; choose one of {sorted(self.bases)}.", param="base_model"
+                )
+            base = self.bases[base_model]
+        elif len(self.bases) == 1:
+            base = next(iter(self.bases.values()))
+        else:
+            matches = [
+                b
+                for b in self.bases.values()
+                if b.lora_enabled and info.base_model_name_or_path in (b.name, b.config.get("_name_or_path"))
+            ]
+            if len(matches) != 1:
+                raise InvalidRequestError(
+                    f"several base models are served; say which with base_model (one of {sorted(self.bases)}).",
+                    param="base_model",
+                )
+            base = matches[0]
+        if not base.lora_enabled:
+            raise InvalidRequestError(
+                f"model '{base.name}' is served without LoRA; set engine.enable_lora (flag --vllm_enable_lora true).",
+                param="base_model",
+            )
+        return base
+
+    def _event(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        self.counter += 1
+        event, self._changed = self._event(), asyncio.Event()
+        event.set()

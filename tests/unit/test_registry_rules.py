@@ -1,0 +1,159 @@
+"""The registry's rules without Ray: persistence, ids, validation, path policy (real files, real SQLite)."""
+
+import asyncio
+import json
+import os
+import sys
+
+import pytest
+
+from lora_registry.adapter_store import AdapterStore
+from lora_registry.path_policy import PathPolicy
+from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry
+from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
+from tests.adapter_factory import make_adapter, make_foreign_adapter
+
+BASE = BaseModelSpec("tiny-chat", json.loads((TINY_CHAT_DIR / "config.json").read_text()), True, 16, VLLM_LORA_MODULES)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "root": root,
+        "a": make_adapter(root / "a", seed=1),
+        "b": make_adapter(root / "b", seed=2),
+        "rank32": make_adapter(root / "rank32", rank=32),
+        "foreign": make_foreign_adapter(root / "foreign"),
+        "embed": make_adapter(root / "embed", targets=("q_proj", "embed_tokens")),
+    }
+
+
+def registry(tmp_path, adapters, **startup):
+    return LoraRegistry(str(tmp_path / "state"), [BASE], [str(adapters["root"])], startup)
+
+
+def test_register_persists_and_survives_a_restart(tmp_path, adapters):
+    reg = registry(tmp_path, adapters)
+    record = run(reg.register("a", str(adapters["a"])))
+    assert record["base_model"] == "tiny-chat" and record["rank"] == 4 and record["version"] == 1
+    again = registry(tmp_path, adapters)
+    assert run(again.state())["adapters"]["a"]["adapter_id"] == record["adapter_id"]
+
+
+def test_replace_gets_a_new_id_and_version(tmp_path, adapters):
+    reg = registry(tmp_path, adapters)
+    first = run(reg.register("a", str(adapters["a"])))
+    with pytest.raises(ConflictError, match="replace=true"):
+        run(reg.register("a", str(adapters["b"])))
+    second = run(reg.register("a", str(adapters["b"]), replace=True))
+    assert second["adapter_id"] > first["adapter_id"] and second["version"] == 2
+    run(reg.unregister("a"))
+    third = run(reg.register("a", str(adapters["a"])))
+    assert third["adapter_id"] > second["adapter_id"]  # ids are never reused
+
+
+def test_startup_adapters_keep_their_id_across_restarts(tmp_path, adapters):
+    startup = {"xiao-huang": ("tiny-chat", str(XIAO_HUANG_DIR))}
+    first = run(registry(tmp_path, adapters, **startup).state())["adapters"]["xiao-huang"]
+    second = run(registry(tmp_path, adapters, **startup).state())["adapters"]["xiao-huang"]
+    assert first["adapter_id"] == second["adapter_id"]
+
+
+@pytest.mark.parametrize(
+    "name,key,error,match",
+    [
+        ("tiny-chat", "a", ConflictError, "base model name"),
+        ("bad name!", "a", InvalidRequestError, "not valid"),
+        ("big", "rank32", ConfigError, "rank 32 .* max_lora_rank=16"),
+        ("foreign", "foreign", ConfigError, "trained for another base model"),
+        ("embed", "embed", ConfigError, r"targets \['embed_tokens'\]"),
+    ],
+)
+def test_validation_failures_name_the_problem(tmp_path, adapters, name, key, error, match):
+    with pytest.raises(error, match=match):
+        run(registry(tmp_path, adapters).register(name, str(adapters[key])))
+
+
+def test_force_skips_the_base_model_check_but_not_the_rank(tmp_path, adapters):
+    reg = registry(tmp_path, adapters)
+    assert run(reg.register("foreign", str(adapters["foreign"]), force=True))["name"] == "foreign"
+
+
+def test_missing_peft_files(tmp_path, adapters):
+    empty = adapters["root"] / "empty"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(ConfigError, match="adapter_config.json is missing"):
+        run(registry(tmp_path, adapters).register("x", str(empty)))
+
+
+def test_unregister_unknown_is_404(tmp_path, adapters):
+    with pytest.raises(NotFoundError):
+        run(registry(tmp_path, adapters).unregister("nope"))
+
+
+def test_listen_returns_on_change(tmp_path, adapters):
+    reg = registry(tmp_path, adapters)
+
+    async def scenario():
+        version = (await reg.state())["version"]
+        waiter = asyncio.create_task(reg.listen(version, timeout_s=10))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await reg.register("a", str(adapters["a"]))
+        state = await asyncio.wait_for(waiter, 1)
+        assert "a" in state["adapters"] and state["version"] != version
+
+    run(scenario())
+
+
+def test_path_policy_refuses_dotdot_outside_and_symlink_escapes(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "ok").mkdir(parents=True)
+    outside.mkdir()
+    os.symlink(outside, root / "escape")
+    policy = PathPolicy([str(root)])
+    assert policy.check(str(root / "ok")) == str((root / "ok").resolve())
+    for path, match in [
+        (str(root / ".." / "outside"), "contains '..'"),
+        (str(outside), "outside the allowed roots"),
+        (str(root / "escape"), "outside the allowed roots"),
+    ]:
+        with pytest.raises(PermissionDeniedError, match=match):
+            policy.check(path)
+    with pytest.raises(InvalidRequestError, match="absolute"):
+        policy.check("relative/path")
+
+
+_WATCH: list = []
+
+
+def _audit(event, args):
+    if _WATCH and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        _WATCH[0].append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)  # sees every file open in this process, whatever API opens it
+
+
+def test_refused_paths_are_never_read(tmp_path, adapters):
+    reg = registry(tmp_path, adapters)  # XIAO_HUANG_DIR is a valid adapter, but outside these roots
+    opened: list = []
+    _WATCH.append(opened)
+    try:
+        with pytest.raises(PermissionDeniedError):
+            run(reg.register("x", str(XIAO_HUANG_DIR)))
+    finally:
+        _WATCH.clear()
+    assert not [p for p in opened if str(XIAO_HUANG_DIR) in p]
+
+
+def test_store_integrity(tmp_path):
+    store = AdapterStore(tmp_path / "r.sqlite")
+    store.put("a", "/x", "tiny-chat", 4, ("q_proj",))
+    assert store.integrity_ok() and list(store.all()) == ["a"]
