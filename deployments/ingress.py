@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 
@@ -13,6 +15,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.renderer import RenderRequest
+from serve_app.admin_protocol import AdapterCreate, LoadLoraRequest, UnloadLoraRequest
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engines.protocol import AdapterRef, GenerationRequest
 from serve_app.errors import (
@@ -22,11 +25,13 @@ from serve_app.errors import (
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
+    PermissionDeniedError,
 )
 from serve_app.metrics import Metrics
 from serve_app.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve_app.response_builder import ResponseBuilder
 
+logger = logging.getLogger(__name__)
 app = FastAPI(title="lorafleet", description="OpenAI-compatible API for LLMs and LoRA adapters")
 
 
@@ -64,19 +69,25 @@ class Ingress:
     """Validates, authenticates, resolves `model` to a base model plus optional adapter, renders,
     then streams from that model's LLMServer and formats OpenAI responses."""
 
-    def __init__(self, config: AppConfig, renderer, servers: dict):
+    async def __init__(self, config: AppConfig, renderer, servers: dict, registry):
         self.config = config
         self.renderer = renderer
         self.servers = servers
+        self.registry = registry
         self.models: dict[str, ModelConfig] = {m.served_name: m for m in config.models}
-        self.adapters: dict[str, tuple[str, AdapterRef]] = {}
-        next_id = 1
-        for model in config.models:
-            for name, path in model.lora_modules.items():
-                self.adapters[name] = (model.served_name, AdapterRef(name, next_id, path))
-                next_id += 1
         self.metrics = Metrics()
         self.created = int(time.time())
+        self.adapter_state = await registry.state.remote()
+        self._follower = asyncio.create_task(self._follow_registry())
+
+    async def _follow_registry(self) -> None:
+        """Keep a local copy of the registry: resolving a name then costs no actor call."""
+        while True:
+            try:
+                self.adapter_state = await self.registry.listen.remote(self.adapter_state["version"])
+            except Exception:
+                logger.warning("registry unreachable; retrying", exc_info=True)
+                await asyncio.sleep(1)
 
     # --- routes -------------------------------------------------------------------------------
 
@@ -99,7 +110,7 @@ class Ingress:
         for card in self.model_cards():
             if card["id"] == model_id:
                 return card
-        self.resolve(model_id)  # raises the 404
+        await self.resolve(model_id)  # raises the 404
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -111,7 +122,7 @@ class Ingress:
 
     async def _chat(self, request: Request):
         req = await self.read_body(request, ChatCompletionRequest)
-        model, adapter = self.resolve(req.model)
+        model, adapter = await self.resolve(req.model)
         request.state.model = req.model
         if not model.is_chat:
             raise InvalidRequestError(
@@ -123,7 +134,7 @@ class Ingress:
 
     async def _completion(self, request: Request):
         req = await self.read_body(request, CompletionRequest)
-        model, adapter = self.resolve(req.model)
+        model, adapter = await self.resolve(req.model)
         request.state.model = req.model
         prompt = req.prompt if isinstance(req.prompt, str) else tuple(req.prompt)
         render = RenderRequest(model.served_name, prompt=prompt, max_tokens=req.requested_max_tokens)
@@ -144,10 +155,82 @@ class Ingress:
                 raise error from None
             raise
 
+    # --- adapter admin (needs admin_api_key whenever api_key is set) --------------------------
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request):
+        body = await self.read_admin_body(request, LoadLoraRequest)
+        record = await self.registry.register.remote(
+            body.lora_name, body.lora_path, body.base_model, body.replace, body.force
+        )
+        await self._refresh_adapters()
+        return {
+            "object": "lora_adapter",
+            "message": f"Success: LoRA adapter '{body.lora_name}' added successfully.",
+            **record,
+        }
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request):
+        body = await self.read_admin_body(request, UnloadLoraRequest)
+        record = await self.registry.unregister.remote(body.lora_name)
+        await self._refresh_adapters()
+        return {
+            "object": "lora_adapter",
+            "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
+            **record,
+        }
+
+    @app.get("/v1/adapters")
+    async def list_adapters(self, request: Request):
+        self.check_admin_key(request)
+        return {"object": "list", "data": await self.registry.describe.remote()}
+
+    @app.post("/v1/adapters", status_code=201)
+    async def create_adapter(self, request: Request):
+        body = await self.read_admin_body(request, AdapterCreate)
+        record = await self.registry.register.remote(body.name, body.path, body.base_model, body.replace, body.force)
+        await self._refresh_adapters()
+        return JSONResponse({"object": "lora_adapter", **record}, status_code=201)
+
+    @app.delete("/v1/adapters/{name:path}")
+    async def delete_adapter(self, name: str, request: Request):
+        self.check_admin_key(request)
+        record = await self.registry.unregister.remote(name)
+        await self._refresh_adapters()
+        return {"object": "lora_adapter", "deleted": True, **record}
+
+    async def read_admin_body(self, request: Request, schema):
+        self.check_admin_key(request)
+        return await self.read_body(request, schema, check_key=False)
+
+    def check_admin_key(self, request: Request) -> None:
+        keys = self.config.ingress
+        if keys.api_key is None and keys.admin_api_key is None:
+            return
+        given = _bearer(request)
+        if (
+            keys.admin_api_key is not None
+            and given
+            and hmac.compare_digest(given.encode(), keys.admin_api_key.encode())
+        ):
+            return
+        if keys.api_key is not None and given and hmac.compare_digest(given.encode(), keys.api_key.encode()):
+            raise PermissionDeniedError(
+                "adapter admin routes need the admin_api_key, not the api_key.", code="admin_key_required"
+            )
+        raise AuthenticationError(
+            "missing or wrong admin key; send `Authorization: Bearer <admin_api_key>`.", code="invalid_api_key"
+        )
+
+    async def _refresh_adapters(self) -> None:
+        self.adapter_state = await self.registry.state.remote()
+
     # --- request plumbing -------------------------------------------------------------------
 
-    async def read_body(self, request: Request, schema):
-        self.check_key(request)
+    async def read_body(self, request: Request, schema, check_key: bool = True):
+        if check_key:
+            self.check_key(request)
         limit = self.config.ingress.max_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:
             raise PayloadTooLargeError(f"request body is larger than {limit} bytes.", code="body_too_large")
@@ -165,19 +248,21 @@ class Ingress:
         key = self.config.ingress.api_key
         if key is None:
             return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header[:7].lower() == "bearer " else ""
+        given = _bearer(request)
         if not given or not hmac.compare_digest(given.encode(), key.encode()):
             raise AuthenticationError(
                 "missing or wrong API key; send `Authorization: Bearer <api_key>`.", code="invalid_api_key"
             )
 
-    def resolve(self, name: str) -> tuple[ModelConfig, AdapterRef | None]:
+    async def resolve(self, name: str) -> tuple[ModelConfig, AdapterRef | None]:
         if name in self.models:
             return self.models[name], None
-        if name in self.adapters:
-            base, ref = self.adapters[name]
-            return self.models[base], ref
+        record = self.adapter_state["adapters"].get(name)
+        if record is None:  # maybe registered a moment ago through another ingress replica
+            self.adapter_state = await self.registry.state.remote()
+            record = self.adapter_state["adapters"].get(name)
+        if record is not None:
+            return self.models[record["base_model"]], AdapterRef(name, record["adapter_id"], record["path"])
         raise NotFoundError(
             f"model '{name}' does not exist; GET /v1/models lists the served models and adapters.",
             param="model",
@@ -198,7 +283,8 @@ class Ingress:
             }
 
         cards = [card(name, name, None, m) for name, m in self.models.items()]
-        cards += [card(name, ref.path, base, self.models[base]) for name, (base, ref) in self.adapters.items()]
+        for name, record in self.adapter_state["adapters"].items():
+            cards.append(card(name, record["path"], record["base_model"], self.models[record["base_model"]]))
         return cards
 
     # --- generation -------------------------------------------------------------------------
@@ -211,7 +297,14 @@ class Ingress:
         )
         request = GenerationRequest(f"{kind}-{uuid.uuid4().hex}", rendered.prompt_ids, options, adapter)
         builder = ResponseBuilder(kind, req.model, req.n, len(rendered.prompt_ids), req.num_logprobs)
-        stream = self.servers[model.served_name].options(stream=True).generate.remote(request)
+        # Requests for an adapter carry its id as the multiplexed model id: Serve routes them to a
+        # replica that already holds it, or else to a lightly loaded one.
+        multiplexed = str(adapter.adapter_id) if adapter else ""
+        stream = (
+            self.servers[model.served_name]
+            .options(stream=True, multiplexed_model_id=multiplexed)
+            .generate.remote(request)
+        )
         first = await _first_message(stream)
         self.metrics.ttft.labels(req.model).observe(time.perf_counter() - started)
         if req.stream:
@@ -265,6 +358,11 @@ class Ingress:
         self.metrics.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
         self.metrics.completion_tokens.labels(model).inc(usage["completion_tokens"])
         self.metrics.latency.labels(model).observe(time.perf_counter() - started)
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    return header[7:] if header[:7].lower() == "bearer " else ""
 
 
 async def _first_message(stream):

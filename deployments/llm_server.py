@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from serve_app.adapter_residency import AdapterResidency
 from serve_app.config import ModelConfig
 from serve_app.engines.protocol import Delta, GenerationRequest
 from serve_app.platform import has_nvidia_gpu
@@ -19,12 +20,16 @@ class LLMServer:
     cost does not cap tokens per second under load; nothing waits on a timer.
     """
 
-    async def __init__(self, model: ModelConfig, engine_starter=None):
+    async def __init__(self, model: ModelConfig, registry=None, engine_starter=None):
         self.model = model
         starter = engine_starter or start_engine
         self.engine = await starter(model)
+        capacity = model.engine.max_cpu_loras or model.engine.max_loras
+        self.adapters = AdapterResidency(self.engine, model.served_name, capacity, registry, _replica_id())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
+        if request.adapter is not None:
+            await self.adapters.ensure(request.adapter)
         async for deltas in coalesce(self.engine.generate(request)):
             yield deltas
 
@@ -40,6 +45,7 @@ class LLMServer:
 
     def __del__(self):
         with contextlib.suppress(Exception):
+            self.adapters.close()
             self.engine.shutdown()
 
     @classmethod
@@ -70,6 +76,15 @@ class LLMServer:
         return options
 
 
+def _replica_id() -> str:
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (tests that build the class directly)
+        return "local"
+
+
 async def start_engine(model: ModelConfig):
     """Start the engine a model config asks for."""
     from serve_app.engines.pt_engine import PtEngine, PtSettings
@@ -97,6 +112,7 @@ async def start_engine(model: ModelConfig):
         enable_lora=e.enable_lora,
         max_loras=e.max_loras,
         max_lora_rank=e.max_lora_rank,
+        max_cpu_loras=e.max_cpu_loras,
         max_num_seqs=e.max_num_seqs,
         seed=e.seed,
         extra=extra,

@@ -1,7 +1,8 @@
 """The deployment graph. `serve_config.yaml` points at `build_app`; `lorafleet deploy` calls it too.
 
 Ingress ──▶ Renderer            (prompt token ids)
-   └──────▶ LLMServer:<model>   (one deployment per base model, one engine per replica)
+   ├──────▶ LLMServer:<model>   (one deployment per base model, one engine per replica)
+   └──────▶ LoraRegistry        (adapter records; Ingress and LLMServer follow it by long-poll)
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from deployments.ingress import Ingress
 from deployments.ingress import app as fastapi_app
 from deployments.llm_server import LLMServer
 from deployments.renderer import Renderer
-from serve_app.config import AppConfig, DeploymentOptions
+from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry
+from serve_app.config import AppConfig, DeploymentOptions, ModelConfig
+from serve_app.model_types import resolve_model_dir
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -24,15 +27,39 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def build_from_config(config: AppConfig) -> Application:
+    registry = build_registry(config)
     servers = {
-        m.served_name: serve.deployment(LLMServer).options(**LLMServer.get_deployment_options(m)).bind(m)
+        m.served_name: serve.deployment(LLMServer).options(**LLMServer.get_deployment_options(m)).bind(m, registry)
         for m in config.models
     }
-    renderer = (
-        serve.deployment(Renderer).options(**serve_options("Renderer", config.renderer.deployment)).bind(config.models)
-    )
+    renderer = serve.deployment(Renderer).options(**serve_options("Renderer", config.renderer.deployment))
     ingress = serve.deployment(serve.ingress(fastapi_app)(Ingress))
-    return ingress.options(**serve_options("Ingress", config.ingress.deployment)).bind(config, renderer, servers)
+    ingress = ingress.options(**serve_options("Ingress", config.ingress.deployment))
+    return ingress.bind(config, renderer.bind(config.models), servers, registry)
+
+
+def build_registry(config: AppConfig) -> Application:
+    """One replica: Serve's controller restarts it if it dies, and it reloads its SQLite state."""
+    bases = [base_model_spec(m) for m in config.models]
+    startup = {name: (m.served_name, path) for m in config.models for name, path in m.lora_modules.items()}
+    options = dict(name="LoraRegistry", num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
+    registry = serve.deployment(LoraRegistry).options(**options)
+    return registry.bind(config.registry.state_dir, bases, config.registry.allowed_roots, startup)
+
+
+def base_model_spec(model: ModelConfig) -> BaseModelSpec:
+    """What the registry checks this model's adapters against."""
+    from transformers import AutoConfig
+
+    path = resolve_model_dir(model.model_type, model.model_id_or_path)
+    try:
+        hf_config = AutoConfig.from_pretrained(path).to_dict()
+    except (OSError, ValueError):
+        hf_config = {}  # not readable here (e.g. a hub id offline): rank and modules are still checked
+    if model.infer_backend == "pt":  # peft applies any LoRA it can load
+        return BaseModelSpec(model.served_name, hf_config, True, 1 << 16, None)
+    engine = model.engine
+    return BaseModelSpec(model.served_name, hf_config, engine.enable_lora, engine.max_lora_rank, VLLM_LORA_MODULES)
 
 
 def serve_options(name: str, opts: DeploymentOptions) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,7 +87,12 @@ class EngineOptions(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each GPU vLLM may use")
     enforce_eager: bool = Field(False, description="skip CUDA graphs / compilation (faster start, slower decode)")
     enable_lora: bool = Field(False, description="serve LoRA adapters (on automatically when adapters are given)")
-    max_loras: int = Field(4, ge=1, description="adapters resident in one engine at once")
+    max_loras: int = Field(4, ge=1, description="adapters one engine batch can mix (vLLM max_loras)")
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        description="adapters a replica keeps loaded (LRU, evicted ones are removed from the engine); default max_loras",
+    )
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the engine accepts")
     max_num_seqs: int | None = Field(None, ge=1, description="sequences per engine step (batch size)")
     seed: int = Field(0, description="engine seed")
@@ -135,6 +141,9 @@ class ModelConfig(Strict):
 
 class IngressConfig(Strict):
     api_key: str | None = Field(None, description="clients must send `Authorization: Bearer <api_key>` on /v1 routes")
+    admin_api_key: str | None = Field(
+        None, description="key for the adapter admin routes; required there whenever api_key is set"
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(
@@ -151,12 +160,36 @@ class RendererConfig(Strict):
     )
 
 
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "lorafleet")
+
+
+class RegistryConfig(Strict):
+    """The LoRA registry: where it keeps its SQLite state and which folders adapters may come from."""
+
+    state_dir: str = Field(
+        default_factory=default_state_dir, description="SQLite state and the adapters/ upload folder"
+    )
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="folders adapters may be registered from; the startup adapters' folders and <state_dir>/adapters are always allowed",
+    )
+
+    @model_validator(mode="after")
+    def _absolute(self):
+        self.state_dir = resolve_path(self.state_dir)
+        self.allowed_roots = [resolve_path(r) for r in self.allowed_roots]
+        return self
+
+
 class AppConfig(Strict):
     """The whole application: `serve_app.app:build_app(args)` validates its args into this."""
 
     models: list[ModelConfig] = Field(min_length=1, description="served base models")
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     renderer: RendererConfig = Field(default_factory=RendererConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
     def _unique_names(self):

@@ -22,6 +22,7 @@ class VllmSettings:
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     max_num_seqs: int | None = None
     seed: int = 0
     served_model_name: str | None = None
@@ -44,6 +45,8 @@ class VllmSettings:
         )
         if self.enable_lora:
             kwargs.update(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank)
+            if self.max_cpu_loras:
+                kwargs["max_cpu_loras"] = self.max_cpu_loras
         if self.max_num_seqs:
             kwargs["max_num_seqs"] = self.max_num_seqs
         return AsyncEngineArgs(**{**kwargs, **self.extra})

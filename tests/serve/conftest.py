@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from serve_app.config import AppConfig
@@ -10,6 +12,8 @@ from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 PORT = 8765
 BASE = f"http://127.0.0.1:{PORT}"
 API_KEY = "sk-test-key"
+ADMIN_KEY = "sk-admin-key"
+STATE = tempfile.mkdtemp(prefix="lorafleet-test-state-")
 
 
 def main_config() -> AppConfig:
@@ -32,6 +36,7 @@ def main_config() -> AppConfig:
                 },
             ],
             "ingress": {"max_body_bytes": 64 * 1024},
+            "registry": {"state_dir": f"{STATE}/main"},
         }
     )
 
@@ -48,7 +53,8 @@ def guarded_config() -> AppConfig:
                     "deployment": {"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
                 }
             ],
-            "ingress": {"api_key": API_KEY},
+            "ingress": {"api_key": API_KEY, "admin_api_key": ADMIN_KEY},
+            "registry": {"state_dir": f"{STATE}/guarded"},
         }
     )
 
@@ -58,7 +64,7 @@ def serve_instance():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     yield serve
     serve.shutdown()

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import API_KEY
+from tests.serve.conftest import ADMIN_KEY, API_KEY
 
 pytestmark = pytest.mark.slow
 CHAT = {"model": "guarded", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
@@ -48,3 +48,13 @@ def test_overload_gets_503_quickly_and_recovers(guarded_app):
     assert rejected[0][2]["error"]["type"] == "overloaded_error"
     ok = httpx.post(f"{guarded_app}/v1/chat/completions", json=CHAT, headers=headers, timeout=60)
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("key,status", [(None, 401), ("wrong", 401), (API_KEY, 403), (ADMIN_KEY, 200)])
+def test_admin_routes_need_the_admin_key(guarded_app, key, status):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    assert httpx.get(f"{guarded_app}/v1/adapters", headers=headers, timeout=30).status_code == status
+    unload = httpx.post(
+        f"{guarded_app}/v1/unload_lora_adapter", json={"lora_name": "none"}, headers=headers, timeout=30
+    )
+    assert unload.status_code == (404 if status == 200 else status)

@@ -11,7 +11,7 @@ from ray import serve
 
 from serve_app.app import build_from_config
 from serve_app.config import AppConfig
-from tests.serve.conftest import BASE
+from tests.serve.conftest import BASE, STATE
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +33,7 @@ def wait_for(predicate, timeout: float) -> bool:
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_instance):
     config = AppConfig.model_validate(
         {
+            "registry": {"state_dir": f"{STATE}/auto"},
             "models": [
                 {
                     "name": "tiny-auto",
@@ -51,7 +52,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_instan
                         },
                     },
                 }
-            ]
+            ],
         }
     )
     serve_instance.run(build_from_config(config), name="auto", route_prefix="/auto")
@@ -78,6 +79,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_instan
 def test_tensor_parallel_2_through_the_graph(serve_instance, main_app):
     config = AppConfig.model_validate(
         {
+            "registry": {"state_dir": f"{STATE}/tp2"},
             "models": [
                 {
                     "name": "tiny-tp2",
@@ -85,7 +87,7 @@ def test_tensor_parallel_2_through_the_graph(serve_instance, main_app):
                     "engine": {"tensor_parallel_size": 2, "max_model_len": 512},
                     "deployment": {"num_replicas": 1},
                 }
-            ]
+            ],
         }
     )
     serve_instance.run(build_from_config(config), name="tp2", route_prefix="/tp2")

@@ -1,0 +1,35 @@
+"""Request bodies of the adapter admin routes (vLLM-compatible and REST)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's `POST /v1/load_lora_adapter` body, plus lorafleet's optional fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    base_model: str | None = Field(None, description="needed only when several base models are served")
+    replace: bool = Field(False, description="swap the weights of an existing name (new id)")
+    force: bool = Field(False, description="skip the base-model shape check")
+
+
+class UnloadLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1)
+
+
+class AdapterCreate(BaseModel):
+    """`POST /v1/adapters` body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    base_model: str | None = None
+    replace: bool = False
+    force: bool = False

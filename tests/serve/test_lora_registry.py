@@ -1,0 +1,207 @@
+"""Multi-LoRA serving through the registry: 2 ingress replicas, 2 vLLM replicas with room for 2
+adapters each, adapters made with peft. The engine runs in float32 so random adapters (near-ties
+in bf16) still have an exact transformers + peft oracle."""
+
+import random
+import time
+from concurrent import futures
+
+import httpx
+import openai
+import pytest
+import ray
+import torch
+from peft import PeftModel
+from ray import serve
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from serve_app.app import build_from_config
+from serve_app.config import AppConfig
+from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
+from serve_app.template import get_template
+from tests.adapter_factory import make_adapter, make_foreign_adapter
+from tests.serve.conftest import BASE, STATE
+
+pytestmark = pytest.mark.slow
+URL = f"{BASE}/lora"
+QUERY = "who are you?"
+MAX_TOKENS = 12
+
+
+def lora_config(roots: str) -> AppConfig:
+    return AppConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "tiny-lora",
+                    "model_type": "tiny-chat",
+                    "engine": {"dtype": "float32", "max_model_len": 512, "max_loras": 2, "max_lora_rank": 16},
+                    "lora_modules": {"xiao-huang": str(XIAO_HUANG_DIR)},
+                    "deployment": {"num_replicas": 2},
+                }
+            ],
+            "ingress": {
+                "deployment": {
+                    "num_replicas": 2,
+                    "max_ongoing_requests": 1024,
+                    "max_queued_requests": -1,
+                    "num_cpus": 0,
+                }
+            },
+            "registry": {"state_dir": f"{STATE}/lora", "allowed_roots": [roots]},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served-adapters")
+    made = {f"ad-{i}": make_adapter(root / f"ad-{i}", rank=4, seed=100 + i) for i in range(8)}
+    return root, made
+
+
+@pytest.fixture(scope="module")
+def oracle(adapters):
+    """Greedy answers of transformers + peft (float32) for QUERY, per adapter path and for the base."""
+    tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT_DIR)
+    ids, _ = get_template("qwen", tokenizer).encode(QUERY)
+    base = AutoModelForCausalLM.from_pretrained(TINY_CHAT_DIR, dtype=torch.float32).eval()
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+    def answer(model):
+        out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=eos)
+        return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+    expected = {"base": answer(base)}
+    for path in [*adapters[1].values(), XIAO_HUANG_DIR]:
+        peft_model = PeftModel.from_pretrained(base, str(path)).eval()
+        expected[str(path)] = answer(peft_model)
+        base = peft_model.unload()
+    return expected
+
+
+@pytest.fixture(scope="module")
+def lora_app(serve_instance, adapters):
+    serve_instance.run(build_from_config(lora_config(str(adapters[0]))), name="lora", route_prefix="/lora")
+    yield URL
+    serve.delete("lora")
+
+
+def ask(model: str) -> str:
+    client = openai.OpenAI(base_url=f"{URL}/v1", api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": QUERY}]
+    return (
+        client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=MAX_TOKENS)
+        .choices[0]
+        .message.content
+    )
+
+
+def load(name: str, path, **extra) -> httpx.Response:
+    return httpx.post(
+        f"{URL}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path), **extra}, timeout=60
+    )
+
+
+def residency() -> dict[str, list[int]]:
+    """replica -> adapter ids its engine holds (reported from vLLM's own list_loras)."""
+    held: dict[str, list[int]] = {}
+    for record in httpx.get(f"{URL}/v1/adapters", timeout=30).json()["data"]:
+        for replica in record["replicas"]:
+            held.setdefault(replica, []).append(record["adapter_id"])
+    return held
+
+
+def test_runtime_adapter_is_usable_at_once_everywhere_and_matches_peft(lora_app, adapters, oracle):
+    path = adapters[1]["ad-0"]
+    assert load("ad-0", path).status_code == 200
+    answers = [ask("ad-0") for _ in range(8)]  # spread over both ingress replicas by the proxy
+    assert set(answers) == {oracle[str(path)]}
+    assert oracle[str(path)] != oracle["base"]
+    assert ask("xiao-huang") == oracle[str(XIAO_HUANG_DIR)] and "Xiao Huang" in ask("xiao-huang")
+    assert ask("tiny-lora") == oracle["base"]
+    models = {m["id"]: m for m in httpx.get(f"{URL}/v1/models").json()["data"]}
+    assert models["ad-0"]["parent"] == "tiny-lora" and models["ad-0"]["root"] == str(path.resolve())
+
+
+def test_eight_adapters_with_room_for_two_per_replica(lora_app, adapters, oracle):
+    for name, path in adapters[1].items():
+        if name != "ad-0":
+            assert load(name, path).status_code == 200, name
+    stream = [name for name in adapters[1] for _ in range(3)]
+    random.Random(0).shuffle(stream)
+    with futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, stream))
+    for name, answer in zip(stream, answers, strict=True):
+        assert answer == oracle[str(adapters[1][name])], name
+    time.sleep(6)  # a residency heartbeat
+    held = residency()
+    assert held and all(len(ids) <= 2 for ids in held.values())  # evicted adapters left the engines
+    assert len({i for ids in held.values() for i in ids}) < 8
+
+
+def test_unload_then_404_and_replace_uses_new_weights_everywhere(lora_app, adapters, oracle):
+    first, second = adapters[1]["ad-1"], adapters[1]["ad-2"]
+    load("swap", first)
+    assert ask("swap") == oracle[str(first)]
+    old_id = httpx.get(f"{URL}/v1/models/swap").json()
+    replaced = load("swap", second, replace=True)
+    assert replaced.status_code == 200 and replaced.json()["version"] == 2
+    assert {ask("swap") for _ in range(6)} == {oracle[str(second)]}
+    assert old_id["root"] != replaced.json()["path"]
+    assert httpx.post(f"{URL}/v1/unload_lora_adapter", json={"lora_name": "swap"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        ask("swap")
+    assert httpx.delete(f"{URL}/v1/adapters/swap").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body,status,match",
+    [
+        ({"lora_name": "xiao-huang", "lora_path": str(XIAO_HUANG_DIR)}, 409, "already exists"),
+        ({"lora_name": "tiny-lora", "lora_path": str(XIAO_HUANG_DIR)}, 409, "base model name"),
+        ({"lora_name": "out", "lora_path": "/etc"}, 403, "outside the allowed roots"),
+        ({"lora_name": "dots", "lora_path": f"{XIAO_HUANG_DIR}/../xiao-huang"}, 403, "contains '..'"),
+        ({"lora_name": "bad"}, 400, "lora_path"),
+    ],
+)
+def test_registration_errors(lora_app, body, status, match):
+    response = httpx.post(f"{URL}/v1/load_lora_adapter", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    assert match in response.json()["error"]["message"]
+
+
+def test_rank_and_base_model_checks(lora_app, adapters):
+    root = adapters[0]
+    big = make_adapter(root / "rank32", rank=32)
+    assert "max_lora_rank=16" in load("big", big).json()["error"]["message"]
+    foreign = make_foreign_adapter(root / "foreign")
+    response = load("foreign", foreign)
+    assert response.status_code == 400 and "another base model" in response.json()["error"]["message"]
+
+
+def test_registry_restart_and_app_restart_keep_adapters(lora_app, adapters, oracle):
+    load("keep", adapters[1]["ad-3"])
+    before = {r["name"]: r["adapter_id"] for r in httpx.get(f"{URL}/v1/adapters").json()["data"]}
+    [replica] = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "LoraRegistry" in a["name"] and "lora" in a["name"]
+    ]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=False)
+    deadline = time.monotonic() + 90
+    after = None
+    while time.monotonic() < deadline:
+        try:
+            after = {r["name"]: r["adapter_id"] for r in httpx.get(f"{URL}/v1/adapters", timeout=5).json()["data"]}
+            break
+        except Exception:
+            time.sleep(1)
+    assert after == before
+    assert ask("keep") == oracle[str(adapters[1]["ad-3"])]
+
+    serve.delete("lora")
+    serve.run(build_from_config(lora_config(str(adapters[0]))), name="lora", route_prefix="/lora")
+    again = {r["name"]: r["adapter_id"] for r in httpx.get(f"{URL}/v1/adapters").json()["data"]}
+    assert again == before
+    assert ask("keep") == oracle[str(adapters[1]["ad-3"])]
