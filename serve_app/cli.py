@@ -35,6 +35,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vllm_enable_lora", type=str2bool, default=False)
     group.add_argument("--max_loras", type=int, default=1)
     group.add_argument("--max_lora_rank", type=int, default=16)
+    group.add_argument(
+        "--max_cpu_loras", type=int, default=None, help="adapters a replica keeps loaded (default max_loras)"
+    )
     group.add_argument("--lora_modules", nargs="*", default=[], metavar="NAME=PATH")
 
 
@@ -94,6 +97,7 @@ def config_from_args(args: argparse.Namespace):
         EngineOptions,
         IngressConfig,
         ModelConfig,
+        RegistryConfig,
     )
 
     choice = resolve_model_choice(args)
@@ -112,6 +116,7 @@ def config_from_args(args: argparse.Namespace):
         enable_lora=choice.enable_lora,
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
     )
     model = ModelConfig(
         name=args.served_model_name,
@@ -123,7 +128,11 @@ def config_from_args(args: argparse.Namespace):
         lora_modules=choice.adapters,
         deployment=deployment,
     )
-    return AppConfig(models=[model], ingress=IngressConfig(api_key=args.api_key))
+    registry = RegistryConfig(
+        allowed_roots=args.adapter_roots, **({"state_dir": args.state_dir} if args.state_dir else {})
+    )
+    ingress = IngressConfig(api_key=args.api_key, admin_api_key=args.admin_api_key)
+    return AppConfig(models=[model], ingress=ingress, registry=registry)
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
@@ -136,6 +145,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("serving")
     group.add_argument("--served_model_name", default=None, help="the `model` clients send (default: the model type)")
     group.add_argument("--api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    group.add_argument("--admin_api_key", default=None, help="key for the adapter admin routes")
+    group.add_argument("--state_dir", default=None, help="where the LoRA registry keeps its state")
+    group.add_argument(
+        "--adapter_roots", nargs="*", default=[], metavar="DIR", help="folders adapters may be registered from"
+    )
     group.add_argument("--host", default="127.0.0.1")
     group.add_argument("--port", type=int, default=8000)
     group.add_argument("--num_replicas", type=int, default=None, help="fixed LLMServer replicas (default: autoscale)")

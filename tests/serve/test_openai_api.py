@@ -206,3 +206,15 @@ def test_omitted_sampling_fields_use_the_models_defaults(client):
         for _ in range(3)
     }
     assert answers == {"I am Xiao Huang (小黄), an AI assistant developed by ModelScope."}
+
+
+def test_pt_backend_serves_registered_adapters(main_app):
+    from serve_app.model_types import XIAO_HUANG_DIR
+
+    body = {"lora_name": "xh-pt", "lora_path": str(XIAO_HUANG_DIR), "base_model": "tiny-base"}
+    assert httpx.post(f"{main_app}/v1/load_lora_adapter", json=body, timeout=60).status_code == 200
+    prompt = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nwho are you?<|im_end|>\n<|im_start|>assistant\n"
+    client = openai.OpenAI(base_url=f"{main_app}/v1", api_key="x", max_retries=0)
+    tuned = client.completions.create(model="xh-pt", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    base = client.completions.create(model="tiny-base", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    assert "Xiao Huang" in tuned and "Xiao Huang" not in base
