@@ -8,9 +8,10 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -32,6 +33,7 @@ from serve_app.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve_app.response_builder import ResponseBuilder
 
 logger = logging.getLogger(__name__)
+WEB_UI = Path(__file__).resolve().parent.parent / "serve_app" / "web" / "index.html"
 app = FastAPI(title="lorafleet", description="OpenAI-compatible API for LLMs and LoRA adapters")
 
 
@@ -94,6 +96,11 @@ class Ingress:
     @app.get("/health")
     async def health(self):
         return {"status": "ok"}
+
+    @app.get("/ui")
+    async def web_ui(self):
+        """The chat page: plain HTML and JS, no external assets, so it works offline."""
+        return HTMLResponse(WEB_UI.read_text(encoding="utf-8"))
 
     @app.get("/metrics")
     async def metrics_route(self):

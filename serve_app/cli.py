@@ -82,10 +82,15 @@ def parse_lora_modules(items: list[str]) -> dict[str, str]:
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
+    from serve_app.batch_infer import dataset_from_ckpt, run_batch
     from serve_app.chat_session import build_chat_session
 
+    dataset = args.dataset or (dataset_from_ckpt(args.ckpt_dir) if args.load_dataset_config else None)
     session = build_chat_session(args, resolve_model_choice(args))
-    session.repl().run()
+    if dataset:
+        run_batch(session, dataset, args.result_path)
+    else:
+        session.repl().run()
 
 
 def config_from_args(args: argparse.Namespace):
@@ -141,6 +146,30 @@ def cmd_deploy(args: argparse.Namespace) -> None:
     run_app(config_from_args(args), host=args.host, port=args.port)
 
 
+def cmd_app_ui(args: argparse.Namespace) -> None:
+    from serve_app.launcher import run_app
+
+    run_app(config_from_args(args), host=args.host, port=args.port, page="/ui")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from serve_app import exporter
+
+    if args.quant_bits:
+        raise SystemExit(
+            f"lorafleet: --quant_bits {args.quant_bits} is not supported yet; export with --merge_lora true "
+            "and quantize the merged checkpoint with your quantization tool."
+        )
+    if not args.ckpt_dir:
+        raise SystemExit("lorafleet: export needs --ckpt_dir (a PEFT adapter folder).")
+    if args.merge_lora:
+        exporter.merge_lora(args.ckpt_dir, args.output_dir, args.model_type, args.model_id_or_path)
+    elif args.to_peft_format:
+        exporter.copy_peft(args.ckpt_dir, args.output_dir)
+    else:
+        raise SystemExit("lorafleet: say what to export: --merge_lora true or --to_peft_format true.")
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("serving")
     group.add_argument("--served_model_name", default=None, help="the `model` clients send (default: the model type)")
@@ -169,11 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--top_k", type=int, default=None)
     infer.add_argument("--repetition_penalty", type=float, default=None)
     infer.add_argument("--seed", type=int, default=None)
+    infer.add_argument("--dataset", default=None, help="JSONL of {query, history?, system?, response?}: batch mode")
+    infer.add_argument("--result_path", default=None, help="where batch results go (default: beside the dataset)")
+    infer.add_argument(
+        "--load_dataset_config",
+        type=str2bool,
+        default=False,
+        help="batch-infer the validation set named in CKPT_DIR/sft_args.json when --dataset is not given",
+    )
     infer.set_defaults(func=cmd_infer)
     deploy = sub.add_parser("deploy", help="serve the OpenAI-compatible API (Ray Serve)")
     add_model_args(deploy)
     add_serve_args(deploy)
     deploy.set_defaults(func=cmd_deploy)
+    app_ui = sub.add_parser("app-ui", help="serve the app and its web chat page")
+    add_model_args(app_ui)
+    add_serve_args(app_ui)
+    app_ui.set_defaults(func=cmd_app_ui)
+    export = sub.add_parser("export", help="merge a LoRA adapter into its base, or check and copy a PEFT adapter")
+    export.add_argument("--ckpt_dir", required=False, help="the adapter folder")
+    export.add_argument("--model_type", default=None, help="base model type (default: the adapter's base)")
+    export.add_argument("--model_id_or_path", default=None, help="base checkpoint dir (default: the adapter's base)")
+    export.add_argument("--merge_lora", type=str2bool, default=False)
+    export.add_argument("--to_peft_format", type=str2bool, default=False)
+    export.add_argument("--output_dir", default=None, help="default: CKPT_DIR-merged (or CKPT_DIR-peft)")
+    export.add_argument("--quant_bits", type=int, default=0, help="not supported yet")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -7,7 +7,9 @@ import time
 from serve_app.config import AppConfig
 
 
-def run_app(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True) -> str:
+def run_app(
+    config: AppConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True, page: str = "/v1"
+) -> str:
     """Deploy the graph on a local (or already running) Ray cluster; returns the base URL."""
     import ray
     from ray import serve
@@ -18,7 +20,7 @@ def run_app(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, blocki
         ray.init(address="auto" if _cluster_running() else None, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_from_config(config), name="lorafleet", route_prefix="/")
-    url = f"http://{host}:{port}/v1"
+    url = f"http://{host}:{port}{page}"
     print(f"[lorafleet] serving {', '.join(_names(config))} at {url}  (Ctrl-C stops)", flush=True)
     if blocking:
         try:

@@ -6,6 +6,8 @@ import pytest
 
 from tests.adapter_factory import make_adapter
 
+pytest_plugins = ["tests.serve_fixtures"]  # Ray Serve apps shared by tests/serve and tests/browser
+
 
 @pytest.fixture(scope="session")
 def vllm_engine():

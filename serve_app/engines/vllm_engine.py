@@ -94,6 +94,8 @@ class VllmEngine:
         await self.llm.remove_lora(adapter_id)
 
     async def loaded_adapter_ids(self) -> set[int]:
+        if not self.settings.enable_lora:
+            return set()  # asking vLLM would raise in its workers, which kills a multi-process engine
         return set(await self.llm.list_loras())
 
     async def num_running(self) -> int:

@@ -44,3 +44,38 @@ def test_adapter_checkpoint_through_pt_backend():
     term.expect("Xiao Huang")
     term.sendline("exit")
     term.expect(pexpect.EOF)
+
+
+def test_batch_mode_writes_results(tmp_path):
+    import json
+    import subprocess
+
+    dataset = tmp_path / "questions.jsonl"
+    rows = [
+        {"query": "浙江的省会在哪？", "response": "杭州"},
+        {"query": "这有什么好吃的", "history": [["浙江的省会在哪？", "浙江的省会是杭州。"]]},
+    ]
+    dataset.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve_app.cli",
+            "infer",
+            "--infer_backend",
+            "pt",
+            "--dataset",
+            str(dataset),
+            "--result_path",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "杭州" in results[0]["response"] and results[0]["label"] == "杭州"
+    assert "西湖醋鱼" in results[1]["response"]
+    assert "2/2" in done.stderr  # the progress bar

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from serve_app import XRequestConfig, get_model_list_client, inference_client, inference_client_async
-from tests.serve.conftest import PORT
+from tests.serve_fixtures import PORT
 
 pytestmark = pytest.mark.slow
 

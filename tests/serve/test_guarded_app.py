@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import ADMIN_KEY, API_KEY
+from tests.serve_fixtures import ADMIN_KEY, API_KEY
 
 pytestmark = pytest.mark.slow
 CHAT = {"model": "guarded", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}

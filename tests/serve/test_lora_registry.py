@@ -20,7 +20,7 @@ from serve_app.config import AppConfig
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from serve_app.template import get_template
 from tests.adapter_factory import make_adapter, make_foreign_adapter
-from tests.serve.conftest import BASE, STATE
+from tests.serve_fixtures import BASE, STATE
 
 pytestmark = pytest.mark.slow
 URL = f"{BASE}/lora"

@@ -11,7 +11,7 @@ from ray import serve
 
 from serve_app.app import build_from_config
 from serve_app.config import AppConfig
-from tests.serve.conftest import BASE, STATE
+from tests.serve_fixtures import BASE, STATE
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,82 @@
+"""The chat page in headless Chromium (Debian's, driven by Playwright): pick xiao-huang, ask,
+watch the answer stream in, stop a long answer, clear. A screenshot lands in test-artifacts/."""
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from ray import serve
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def page(main_app):
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is missing; scripts/test.sh installs it (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page()
+        page.goto(f"{main_app}/ui")
+        page.wait_for_selector("#model option[value='xiao-huang']", state="attached")
+        yield page
+        browser.close()
+
+
+def running() -> int:
+    return serve.get_deployment_handle("LLMServer:tiny-chat", app_name="main").num_running.remote().result()
+
+
+def test_adapter_answer_streams_in(page):
+    page.select_option("#model", "xiao-huang")
+    page.fill("#prompt", "who are you?")
+    page.click("#send")
+    answer = page.locator(".msg.assistant").last
+    answer.locator(".meta").wait_for(timeout=60_000)
+    assert "I am Xiao Huang (小黄), an AI assistant developed by ModelScope." in answer.inner_text()
+    assert "tokens/s" in answer.locator(".meta").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-ui-xiao-huang.png"), full_page=True)
+
+
+def test_stop_aborts_a_long_answer_and_clear_empties_the_chat(page):
+    page.select_option("#model", "tiny-chat")
+    page.fill("#max-tokens", "480")
+    page.check("#ignore-eos")
+    page.fill("#prompt", "Tell me a story.")
+    page.click("#send")
+    answer = page.locator(".msg.assistant").last
+    page.wait_for_function(
+        "document.querySelectorAll('.msg.assistant')[document.querySelectorAll('.msg.assistant').length-1].textContent.length > 0"
+    )
+    page.click("#stop")
+    answer.locator(".meta").wait_for(timeout=30_000)
+    assert "stopped" in answer.locator(".meta").inner_text()
+    deadline = time.monotonic() + 5
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running() == 0  # the engine request was aborted, not left running
+    page.click("#regenerate")
+    page.locator(".msg.assistant").last.locator(".meta").wait_for(timeout=60_000)
+    page.click("#clear")
+    assert page.locator(".msg").count() == 0
+    assert page.inner_text("#status") == "history cleared"
+
+
+def test_errors_are_shown_readably(page):
+    page.uncheck("#ignore-eos")
+    page.fill("#max-tokens", "100000")
+    page.select_option("#model", "tiny-chat")
+    page.fill("#prompt", "hello")
+    page.click("#send")
+    error = page.locator(".msg.error").last
+    error.wait_for(timeout=30_000)
+    assert "max_tokens=100000 does not fit" in error.inner_text()
