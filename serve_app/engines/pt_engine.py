@@ -108,16 +108,14 @@ class PtEngine:
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([flag]),
                     max_new_tokens=max_new,
-                    **_hf_sampling(options, self._eos_ids(options)),
+                    **_hf_sampling(options, self._eos_ids(options), max_new),
                 )
         finally:
             push(None)
         generated = out.shape[1] - prompt.shape[1]
         return "length" if generated >= max_new else "stop"
 
-    def _eos_ids(self, options: SamplingOptions) -> list[int] | None:
-        if options.ignore_eos:
-            return None
+    def _eos_ids(self, options: SamplingOptions) -> list[int]:
         ids = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         ids = [ids] if isinstance(ids, int) else list(ids or [])
         return ids + list(options.stop_token_ids)
@@ -210,8 +208,10 @@ class _IncrementalText:
         return new
 
 
-def _hf_sampling(options: SamplingOptions, eos_ids: list[int] | None) -> dict:
-    kwargs = dict(eos_token_id=eos_ids, pad_token_id=(eos_ids or [0])[0], min_new_tokens=options.min_tokens or None)
+def _hf_sampling(options: SamplingOptions, eos_ids: list[int], max_new: int) -> dict:
+    # ignore_eos: transformers masks the EOS ids until min_new_tokens, so ask for all of them
+    min_new = max_new if options.ignore_eos else options.min_tokens
+    kwargs = dict(eos_token_id=eos_ids, pad_token_id=(eos_ids or [0])[0], min_new_tokens=min_new or None)
     if options.repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = options.repetition_penalty
     if options.temperature <= 0:
