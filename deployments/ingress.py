@@ -33,7 +33,7 @@ from serve_app.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve_app.response_builder import ResponseBuilder
 
 logger = logging.getLogger(__name__)
-WEB_UI = Path(__file__).resolve().parent.parent / "serve_app" / "web" / "index.html"
+WEB_UI = (Path(__file__).resolve().parent.parent / "serve_app" / "web" / "index.html").read_text(encoding="utf-8")
 app = FastAPI(title="lorafleet", description="OpenAI-compatible API for LLMs and LoRA adapters")
 
 
@@ -100,7 +100,7 @@ class Ingress:
     @app.get("/ui")
     async def web_ui(self):
         """The chat page: plain HTML and JS, no external assets, so it works offline."""
-        return HTMLResponse(WEB_UI.read_text(encoding="utf-8"))
+        return HTMLResponse(WEB_UI)
 
     @app.get("/metrics")
     async def metrics_route(self):

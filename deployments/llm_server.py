@@ -36,9 +36,6 @@ class LLMServer:
     async def num_running(self) -> int:
         return await self.engine.num_running()
 
-    async def loaded_adapter_ids(self) -> list[int]:
-        return sorted(await self.engine.loaded_adapter_ids())
-
     async def check_health(self) -> None:
         """Called by Serve; an engine fault raises here and Serve replaces the replica."""
         await self.engine.check_health()

@@ -79,13 +79,10 @@ def inference_client(
 ):
     """One request; a ChatCompletion/Completion, or an iterator of chunks when streaming."""
     client = _client(host, port, api_key)
-    config = request_config or XRequestConfig()
     if is_chat_request is None:
         is_chat_request = _is_chat(client.models.retrieve(model_type))
-    if is_chat_request:
-        messages = conversation_to_messages(system, [list(t) for t in history or []], query)
-        return client.chat.completions.create(model=model_type, messages=messages, **config.kwargs(chat=True))
-    return client.completions.create(model=model_type, prompt=query, **config.kwargs(chat=False))
+    create, kwargs = _request(client, model_type, query, history, system, request_config, is_chat_request)
+    return create(**kwargs)
 
 
 async def inference_client_async(
@@ -103,13 +100,19 @@ async def inference_client_async(
 ):
     """`inference_client` for asyncio; a stream is an async iterator of chunks."""
     client = _client(host, port, api_key, is_async=True)
-    config = request_config or XRequestConfig()
     if is_chat_request is None:
         is_chat_request = _is_chat(await client.models.retrieve(model_type))
-    if is_chat_request:
+    create, kwargs = _request(client, model_type, query, history, system, request_config, is_chat_request)
+    return await create(**kwargs)
+
+
+def _request(client, model_type, query, history, system, config: XRequestConfig | None, chat: bool):
+    """The client's create method for the model's kind, and its arguments (sync or async client)."""
+    options = (config or XRequestConfig()).kwargs(chat=chat)
+    if chat:
         messages = conversation_to_messages(system, [list(t) for t in history or []], query)
-        return await client.chat.completions.create(model=model_type, messages=messages, **config.kwargs(chat=True))
-    return await client.completions.create(model=model_type, prompt=query, **config.kwargs(chat=False))
+        return client.chat.completions.create, dict(model=model_type, messages=messages, **options)
+    return client.completions.create, dict(model=model_type, prompt=query, **options)
 
 
 def _is_chat(card) -> bool:

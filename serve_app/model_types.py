@@ -35,11 +35,6 @@ class ModelInfo:
     template_type: str
     is_chat: bool = True
     generation: dict = field(default_factory=dict)
-    requires: str = ""  # a note for model types that need more than vLLM (e.g. trust_remote_code)
-
-    @property
-    def default_dir(self) -> str:
-        return self.hub_id
 
 
 _SAMPLING = dict(max_new_tokens=2048, temperature=0.3, top_p=0.7, top_k=20, repetition_penalty=1.05)
@@ -47,9 +42,9 @@ _SAMPLING = dict(max_new_tokens=2048, temperature=0.3, top_p=0.7, top_k=20, repe
 MODELS: dict[str, ModelInfo] = {
     info.model_type: info
     for info in [
-        ModelInfo("qwen-7b-chat", "Qwen/Qwen-7B-Chat", "qwen", generation=_SAMPLING, requires="trust_remote_code"),
+        ModelInfo("qwen-7b-chat", "Qwen/Qwen-7B-Chat", "qwen", generation=_SAMPLING),
         ModelInfo("qwen-7b", "Qwen/Qwen-7B", "default-generation", is_chat=False, generation=_SAMPLING),
-        ModelInfo("chatglm3-6b", "THUDM/chatglm3-6b", "chatglm3", generation=_SAMPLING, requires="trust_remote_code"),
+        ModelInfo("chatglm3-6b", "THUDM/chatglm3-6b", "chatglm3", generation=_SAMPLING),
         ModelInfo("yi-6b-chat", "01-ai/Yi-6B-Chat", "chatml", generation=_SAMPLING),
         ModelInfo("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "llama", generation=_SAMPLING),
         ModelInfo("llama3-8b-instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3", generation=_SAMPLING),
@@ -101,4 +96,4 @@ def resolve_model_dir(model_type: str | None, model_id_or_path: str | None) -> s
         return model_id_or_path
     if not model_type:
         raise ConfigError("give model_type or model_id_or_path.", param="model_type")
-    return get_model_info(model_type).default_dir
+    return get_model_info(model_type).hub_id

@@ -6,7 +6,7 @@ Everything here is a frozen dataclass of plain values, so it pickles across Ray 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -64,7 +64,6 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     options: SamplingOptions
     adapter: AdapterRef | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Engine(Protocol):
@@ -83,6 +82,8 @@ class Engine(Protocol):
     async def add_adapter(self, adapter: AdapterRef) -> None: ...
 
     async def remove_adapter(self, adapter_id: int) -> None: ...
+
+    async def loaded_adapter_ids(self) -> set[int]: ...
 
     async def num_running(self) -> int: ...
 
