@@ -21,16 +21,21 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from serve_app.platform import has_nvidia_gpu  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "serve_app" / "assets" / "tiny-chat")
 PORT = 8400
 
 
-def wait_ready(url: str, timeout: float = 300) -> None:
+def wait_ready(url: str, name: str, timeout: float = 900) -> None:
+    """Until a one-token chat completion answers (lorafleet's ingress is up before its engine)."""
+    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+            if httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -44,40 +49,66 @@ def start_vllm(args) -> subprocess.Popen:
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        MODEL,
+        str(args.model_dir),
         "--served-model-name",
-        "tiny-chat",
+        args.name,
         "--port",
         str(PORT),
         "--max-model-len",
         str(args.max_model_len),
+        "--tensor-parallel-size",
+        str(args.tp),
+        "--dtype",
+        args.dtype,
+        "--seed",
+        "0",
         "--no-enable-prefix-caching",
     ]
+    if args.load_format:
+        cmd += ["--load-format", args.load_format]
+    if args.max_num_seqs:
+        cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.enforce_eager:
+        cmd += ["--enforce-eager"]
+    if args.gpu:
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     log = open(Path(args.out) / "vllm-server.log", "w")  # noqa: SIM115 (lives as long as the server)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # what lorafleet sets for its CPU engines
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def start_lorafleet(args, state: Path) -> subprocess.Popen:
+    engine = {
+        "tensor_parallel_size": args.tp,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "enforce_eager": args.enforce_eager,
+        "engine_kwargs": {"enable_prefix_caching": False}
+        | ({"load_format": args.load_format} if args.load_format else {}),
+    }
+    if args.gpu:
+        engine["gpu_memory_utilization"] = args.gpu_memory_utilization
+    model = (
+        {"model_type": "tiny-chat"}
+        if Path(args.model_dir) == Path(MODEL)
+        else {"name": args.name, "model_id_or_path": str(args.model_dir), "template_type": args.template}
+    )
     config = {
-        "models": [
-            {
-                "model_type": "tiny-chat",
-                "engine": {"max_model_len": args.max_model_len, "engine_kwargs": {"enable_prefix_caching": False}},
-                "deployment": {"num_replicas": 1, "max_ongoing_requests": 256},
-            }
-        ],
+        "models": [model | {"engine": engine, "deployment": {"num_replicas": 1, "max_ongoing_requests": 256}}],
         "registry": {"state_dir": str(state)},
     }
     code = (
         "import json,sys,time,ray; from ray import serve; from serve_app.app import build_app;"
-        f"ray.init(num_cpus=4, include_dashboard=False); serve.start(http_options={{'host':'127.0.0.1','port':{PORT}}});"
+        f"ray.init(num_cpus={max(8, os.cpu_count())}, include_dashboard=False);"
+        f"serve.start(http_options={{'host':'127.0.0.1','port':{PORT}}});"
         f"serve.run(build_app(json.loads({json.dumps(json.dumps(config))})), name='bench', route_prefix='/');"
         "time.sleep(10**6)"
     )
     log = open(Path(args.out) / "lorafleet-server.log", "w")  # noqa: SIM115 (lives as long as the server)
+    env = os.environ | dict(kv.split("=", 1) for kv in args.serve_env)
     return subprocess.Popen(
-        [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+        [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
     )
 
 
@@ -104,9 +135,9 @@ def load(system: str, concurrency: int, args, out: Path) -> dict:
         "--base-url",
         f"http://127.0.0.1:{PORT}",
         "--model",
-        "tiny-chat",
+        args.name,
         "--tokenizer",
-        MODEL,
+        str(args.model_dir),
         "--dataset-name",
         "random",
         "--random-input-len",
@@ -132,7 +163,8 @@ def load(system: str, concurrency: int, args, out: Path) -> dict:
         "--result-filename",
         name,
     ]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    with open(out / f"{system}-c{concurrency}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return json.loads((out / name).read_text())
 
 
@@ -160,23 +192,44 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4, help="requests per concurrency slot")
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--model-dir", type=Path, default=Path(MODEL), help="checkpoint or shape folder")
+    parser.add_argument("--name", help="served model name (default: the folder's name)")
+    parser.add_argument("--template", default="qwen", help="lorafleet template type for --model-dir")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size on both")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-num-seqs", type=int)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--load-format", help="e.g. dummy: random weights of the real shape")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument(
+        "--serve-env", nargs="*", default=[], metavar="KEY=VALUE", help="environment of lorafleet's Ray cluster"
+    )
+    parser.add_argument("--systems", nargs="+", default=["vllm", "lorafleet"], choices=["vllm", "lorafleet"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    args.name = args.name or ("tiny-chat" if args.model_dir == Path(MODEL) else args.model_dir.name)
+    args.gpu = has_nvidia_gpu()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for system, start in [
-        ("vllm", lambda: start_vllm(args)),
-        ("lorafleet", lambda: start_lorafleet(args, args.out / "state")),
-    ]:
-        proc = start()
+    starters = {"vllm": lambda: start_vllm(args), "lorafleet": lambda: start_lorafleet(args, args.out / "state")}
+    results, startup = {}, {}
+    for system in args.systems:
+        launched = time.monotonic()
+        proc = starters[system]()
         try:
-            wait_ready(f"http://127.0.0.1:{PORT}")
+            wait_ready(f"http://127.0.0.1:{PORT}", args.name)
+            startup[system] = time.monotonic() - launched
+            print(f"{system}: first token {startup[system]:.0f} s after launch", flush=True)
             for c in args.concurrency:
                 results[(system, c)] = load(system, c, args, args.out)
                 print(f"{system} c={c}: {results[(system, c)]['output_throughput']:.0f} tok/s", flush=True)
         finally:
             stop(proc)
-    print(table(results))
+    report = table(results) + "\n\nstart → first token: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
+    print(report)
+    (args.out / "table.md").write_text(report + "\n")
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "startup_s": startup}
+    summary["runs"] = [{"system": k[0], "concurrency": k[1], **v} for k, v in results.items()]
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
 if __name__ == "__main__":

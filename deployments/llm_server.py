@@ -47,21 +47,28 @@ class LLMServer:
 
     @classmethod
     def get_deployment_options(cls, model: ModelConfig) -> dict:
-        """Serve options: replicas/autoscaling from config, one placement bundle per TP worker."""
+        """Serve options: replicas/autoscaling from config, resources from the TP size.
+
+        vLLM runs the tensor-parallel workers of a replica as its own local processes ("mp"
+        executor). On GPUs the replica's actor therefore holds all `tensor_parallel_size` GPUs, so
+        Ray hands it (and the workers it spawns) exactly those devices, all on one node. On the CPU
+        one placement bundle per worker reserves their cores on one node.
+        """
         tp = model.engine.tensor_parallel_size
         opts = model.deployment
-        gpu = has_nvidia_gpu() and model.infer_backend == "vllm"
-        bundle = {"CPU": opts.num_cpus, "GPU": 1} if gpu else {"CPU": max(opts.num_cpus, 1)}
         options = dict(
             name=f"LLMServer:{model.served_name}",
             max_ongoing_requests=opts.max_ongoing_requests,
             max_queued_requests=opts.max_queued_requests,
             ray_actor_options={**opts.ray_actor_options},
-            placement_group_bundles=[dict(bundle) for _ in range(tp)],
-            placement_group_strategy="STRICT_PACK",
             health_check_period_s=10,
             health_check_timeout_s=60,
         )
+        if has_nvidia_gpu() and model.infer_backend == "vllm":
+            options["ray_actor_options"] = {"num_cpus": opts.num_cpus * tp, "num_gpus": tp} | opts.ray_actor_options
+        else:
+            options["placement_group_bundles"] = [{"CPU": max(opts.num_cpus, 1)} for _ in range(tp)]
+            options["placement_group_strategy"] = "STRICT_PACK"
         if opts.autoscaling is not None:
             options["autoscaling_config"] = opts.autoscaling.model_dump(exclude={"min_replicas", "max_replicas"}) | {
                 "min_replicas": opts.autoscaling.min_replicas,
@@ -96,9 +103,9 @@ async def start_engine(model: ModelConfig):
         )
     extra = dict(e.engine_kwargs)
     if e.tensor_parallel_size > 1:
-        # GPU: Ray workers fill this replica's bundles. CPU: vLLM has no Ray executor there, and
-        # inside a placement group it would pick one, so ask for local worker processes.
-        extra.setdefault("distributed_executor_backend", "ray" if has_nvidia_gpu() else "mp")
+        # Local worker processes on the devices this replica holds (see get_deployment_options);
+        # inside a Ray actor vLLM would otherwise pick its Ray executor.
+        extra.setdefault("distributed_executor_backend", "mp")
     settings = VllmSettings(
         model_dir=path,
         tensor_parallel_size=e.tensor_parallel_size,

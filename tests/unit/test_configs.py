@@ -53,8 +53,8 @@ def test_deployment_options_derive_from_tensor_parallel_size(monkeypatch):
     monkeypatch.setenv("LORAFLEET_DEVICE", "gpu")
     model = AppConfig.model_validate(load("serve_config.gpu.yaml")["applications"][0]["args"]).models[0]
     options = LLMServer.get_deployment_options(model)
-    assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}] * 4
-    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 4}
+    assert "placement_group_bundles" not in options
     assert options["autoscaling_config"]["target_ongoing_requests"] == 64
     monkeypatch.setenv("LORAFLEET_DEVICE", "cpu")
     assert LLMServer.get_deployment_options(model)["placement_group_bundles"] == [{"CPU": 1.0}] * 4

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU runs of docs/benchmarks.md, on a machine prepared as ENVIRONMENT.md says
+# (vLLM 0.25.1 + Ray 2.60 wheels installed into /tmp/site by /tmp/parts/install.sh).
+#   bash bench/gpu.sh check OUT TP...   # serve run at each TP size (last = reference), adapters, equality
+#   bash bench/gpu.sh bench OUT TP [side_by_side.py flags]   # vLLM server vs lorafleet, dummy weights
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source /tmp/parts/install.sh
+# NVLink multicast stays off (the device README): also for every process Ray and vLLM start.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+shape=/tmp/qwen2.5-7b-instruct
+what=$1 out=$2; shift 2
+mkdir -p "$out"
+case $what in
+check)
+  [ -f $shape/model.safetensors.index.json ] ||
+    python3 bench/model_shapes.py qwen2.5-7b-instruct $shape --weights 0 --adapters 2 --rank 16
+  python3 bench/tp_check.py --model-dir $shape --tp "$@" --out /tmp/tp_check \
+    --adapters $shape-adapters/lora-0 $shape-adapters/lora-1 || status=$?
+  cp /tmp/tp_check/tp_check.json /tmp/tp_check/serve-tp"$1".log "$out"/ || true
+  exit ${status:-0}
+  ;;
+bench)
+  [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
+  tp=$1; shift
+  python3 bench/side_by_side.py --model-dir $shape --tp "$tp" --load-format dummy --max-model-len 4096 \
+    --input-len 512 --output-len 256 --out /tmp/bench-tp"$tp" "$@" || status=$?
+  cp /tmp/bench-tp"$tp"/{table.md,summary.json,lorafleet-server.log} "$out"/ || true
+  exit ${status:-0}
+  ;;
+esac
