@@ -14,6 +14,7 @@ what=$1 out=$2; shift 2
 mkdir -p "$out"
 case $what in
 check)
+  python3 -m serve_app.engines.vllm_surface 2>&1 | tail -1 | tee "$out"/vllm_surface.txt
   [ -f $shape/model.safetensors.index.json ] ||
     python3 bench/model_shapes.py qwen2.5-7b-instruct $shape --weights 0 --adapters 2 --rank 16
   python3 bench/tp_check.py --model-dir $shape --tp "$@" --out /tmp/tp_check \

