@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def write_config(args, tp: int, out: Path) -> Path:
     model["deployment"] = {"num_replicas": 1, "max_ongoing_requests": 64}
     app_args["ingress"]["admin_api_key"] = ADMIN_KEY
     app_args["ingress"]["deployment"] = {"num_replicas": 1, "num_cpus": 0}
+    shutil.rmtree(out / f"state-tp{tp}", ignore_errors=True)  # a fresh registry for each run
     app_args["registry"] = {
         "state_dir": str(out / f"state-tp{tp}"),
         "allowed_roots": sorted({str(Path(a).parent) for a in args.adapters}),

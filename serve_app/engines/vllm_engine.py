@@ -60,6 +60,7 @@ class VllmEngine:
         self.llm = async_llm
         self.max_model_len: int = async_llm.model_config.max_model_len
         self._adapters: dict[int, AdapterRef] = {}
+        self._running: set[str] = set()
 
     @classmethod
     async def start(cls, settings: VllmSettings) -> VllmEngine:
@@ -78,10 +79,14 @@ class VllmEngine:
             request.request_id,
             lora_request=self._lora_request(request.adapter),
         )
-        async for output in stream:
-            deltas = [_delta(c) for c in output.outputs if c.token_ids or c.finish_reason]
-            if deltas:
-                yield deltas
+        self._running.add(request.request_id)
+        try:
+            async for output in stream:
+                deltas = [_delta(c) for c in output.outputs if c.token_ids or c.finish_reason]
+                if deltas:
+                    yield deltas
+        finally:
+            self._running.discard(request.request_id)
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
@@ -99,7 +104,7 @@ class VllmEngine:
         return set(await self.llm.list_loras())
 
     async def num_running(self) -> int:
-        return self.llm.get_num_unfinished_requests()
+        return len(self._running)  # counted here: vLLM 0.25.1's AsyncLLM has no public count
 
     async def check_health(self) -> None:
         await self.llm.check_health()

@@ -26,7 +26,6 @@ ASYNC_LLM_METHODS = [
     "add_lora",
     "remove_lora",
     "list_loras",
-    "get_num_unfinished_requests",
     "check_health",
     "shutdown",
 ]
