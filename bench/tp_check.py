@@ -48,6 +48,7 @@ def write_config(args, tp: int, out: Path) -> Path:
     model.update(name="shape", model_id_or_path=str(args.model_dir), template_type=args.template, lora_modules={})
     model["engine"].update(
         tensor_parallel_size=tp,
+        dtype=args.dtype,
         enforce_eager=args.eager,
         max_model_len=args.max_model_len,
         enable_lora=True,
@@ -221,6 +222,11 @@ def main() -> None:
     parser.add_argument("--adapter-prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32: random weights give near-flat logits that collide at bf16's resolution",
+    )
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--engine-kwargs", type=json.loads, default={}, help='JSON, e.g. {"load_format": "dummy"}')
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
@@ -229,7 +235,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tp_check")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [run_app(args, tp, args.out) for tp in args.tp]
+    runs = []
+    for tp in args.tp:  # each run is saved as it ends, so a cut-off lease keeps what finished
+        runs.append(run_app(args, tp, args.out))
+        (args.out / f"run-tp{tp}.json").write_text(json.dumps(runs[-1], indent=1))
     lines, ok = compare(runs)
     print("\n".join(lines))
     print("ALL CHECKS HOLD" if ok else "SOME CHECKS FAILED")
