@@ -5,15 +5,23 @@
 Starts each server in turn on this machine, drives it with vLLM's load generator
 (`vllm.benchmarks.serve`: streaming chat, random prompts, fixed lengths, ignore_eos, warm-ups), and
 prints a markdown table of output tok/s, TTFT p50/p99 and TPOT p50 with ratios to vLLM measured in
-the same run. JSON per run goes to --out. (Ray Serve LLM and the multi-LoRA workload: not yet.)
+the same run, and a PNG plot (throughput and TTFT against concurrency). JSON per run, table.md,
+summary.json and the plot go to --out. The three systems: vLLM's server, Ray Serve LLM
+(`ray.serve.llm.build_openai_app`) and lorafleet.
+
+    --loras 16          also the multi-LoRA workload: 16 peft adapters, --max-loras resident, a random
+                        adapter per request; plus new adapter -> first streamed token (p50 of 5)
+    --model-dir DIR --tp 4 --load-format dummy     a GPU run on a real shape (bench/model_shapes.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -21,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from serve_app.platform import has_nvidia_gpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,8 +80,12 @@ def start_vllm(args) -> subprocess.Popen:
         cmd += ["--enforce-eager"]
     if args.gpu:
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.adapters:
+        cmd += ["--enable-lora", "--max-loras", str(args.max_loras), "--max-lora-rank", str(args.lora_rank)]
+        cmd += ["--lora-modules", *(f"{n}={p}" for n, p in args.adapters.items())]
     log = open(Path(args.out) / "vllm-server.log", "w")  # noqa: SIM115 (lives as long as the server)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # what lorafleet sets for its CPU engines
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # its (development-only) adapter API, for the latency row
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
@@ -94,9 +106,12 @@ def start_lorafleet(args, state: Path) -> subprocess.Popen:
         if Path(args.model_dir) == Path(MODEL)
         else {"name": args.name, "model_id_or_path": str(args.model_dir), "template_type": args.template}
     )
+    if args.adapters:
+        engine |= {"max_loras": args.max_loras, "max_lora_rank": args.lora_rank}
+        model["lora_modules"] = {n: str(p) for n, p in args.adapters.items()}
     config = {
         "models": [model | {"engine": engine, "deployment": {"num_replicas": 1, "max_ongoing_requests": 256}}],
-        "registry": {"state_dir": str(state)},
+        "registry": {"state_dir": str(state), "allowed_roots": [str(args.out / "adapters")]},
     }
     code = (
         "import json,sys,time,ray; from ray import serve; from serve_app.app import build_app;"
@@ -112,6 +127,40 @@ def start_lorafleet(args, state: Path) -> subprocess.Popen:
     )
 
 
+def start_ray_serve_llm(args) -> subprocess.Popen:
+    """Ray's own `ray.serve.llm.build_openai_app`, same engine arguments."""
+    engine = {
+        "tensor_parallel_size": args.tp,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "enforce_eager": args.enforce_eager,
+        "enable_prefix_caching": False,
+        "seed": 0,
+    }
+    engine |= {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
+    engine |= {"load_format": args.load_format} if args.load_format else {}
+    engine |= {"gpu_memory_utilization": args.gpu_memory_utilization} if args.gpu else {}
+    llm_config = {
+        "model_loading_config": {"model_id": args.name, "model_source": str(args.model_dir)},
+        "engine_kwargs": engine,
+        "deployment_config": {"num_replicas": 1, "max_ongoing_requests": 256},
+        "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+    }
+    code = (
+        "import json,time,ray; from ray import serve; from ray.serve.llm import LLMConfig, build_openai_app;"
+        # Ray Serve LLM waits forever for resources with fewer than 8 logical CPUs (ENVIRONMENT.md)
+        f"ray.init(num_cpus={max(8, os.cpu_count())}, include_dashboard=False);"
+        f"serve.start(http_options={{'host':'127.0.0.1','port':{PORT}}});"
+        f"cfg=LLMConfig(**json.loads({json.dumps(json.dumps(llm_config))}));"
+        "serve.run(build_openai_app({'llm_configs':[cfg]}), name='rayllm', route_prefix='/');"
+        "time.sleep(10**6)"
+    )
+    log = open(Path(args.out) / "ray-serve-llm-server.log", "w")  # noqa: SIM115 (lives as long as the server)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+    )
+
+
 def stop(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -119,10 +168,22 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    kill_leftovers()
 
 
-def load(system: str, concurrency: int, args, out: Path) -> dict:
-    name = f"{system}-c{concurrency}.json"
+def kill_leftovers() -> None:
+    """vLLM's engine processes (and Serve's HAProxy) outlive a force-stopped Ray worker; left
+    running they would take CPU from the next system's run."""
+    import psutil
+
+    for p in psutil.process_iter(["name"]):
+        if (p.info["name"] or "").startswith(("VLLM::", "haproxy")):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def load(system: str, concurrency: int, args, out: Path, loras: list[str] = ()) -> dict:
+    name = f"{system}-c{concurrency}{'-lora' if loras else ''}.json"
     cmd = [
         sys.executable,
         "-c",
@@ -163,9 +224,83 @@ def load(system: str, concurrency: int, args, out: Path) -> dict:
         "--result-filename",
         name,
     ]
-    with open(out / f"{system}-c{concurrency}.log", "w") as log:
+    if loras:  # each request picks one of these at random
+        cmd += ["--lora-modules", *loras]
+    with open(out / name.replace(".json", ".log"), "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return json.loads((out / name).read_text())
+
+
+def make_adapters(args) -> tuple[dict[str, Path], list[Path]]:
+    """`--loras` random PEFT adapters for the model's shape, plus 5 spare ones for the latency row."""
+    if not args.loras:
+        return {}, []
+    from model_shapes import write_adapters
+
+    paths = write_adapters(args.model_dir, args.out / "adapters", args.loras + 5, args.lora_rank)
+    return {f"lora-{i}": p for i, p in enumerate(paths[: args.loras])}, paths[args.loras :]
+
+
+def new_adapter_latency(paths: list[Path]) -> list[float]:
+    """Seconds from `POST /v1/load_lora_adapter` (vLLM's route; lorafleet speaks it too) to the first
+    streamed token of a request for that adapter, once per fresh adapter."""
+    url = f"http://127.0.0.1:{PORT}/v1"
+    times = []
+    for p in paths:
+        name = f"new-{p.name}-{time.monotonic_ns()}"
+        started = time.perf_counter()
+        r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": name, "lora_path": str(p)}, timeout=120)
+        r.raise_for_status()
+        body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=120) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: ") and '"content"' in line:
+                    times.append(time.perf_counter() - started)
+                    break
+    return times
+
+
+def lora_table(results: dict, lora_results: dict, new_adapter_s: dict, args) -> str:
+    c = args.lora_concurrency
+    rows = [
+        f"Multi-LoRA: {args.loras} adapters (rank {args.lora_rank}), {args.max_loras} resident, random adapter "
+        f"per request, concurrency {c}",
+        "",
+        "| system | base tok/s | LoRA tok/s | LoRA / base | LoRA TTFT p50 ms | new adapter → first token p50 s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for system, r in lora_results.items():
+        base = results.get((system, c), {}).get("output_throughput", float("nan"))
+        latency = statistics.median(new_adapter_s[system]) if new_adapter_s.get(system) else float("nan")
+        rows.append(
+            f"| {system} | {base:.0f} | {r['output_throughput']:.0f} | {r['output_throughput'] / base:.2f}x "
+            f"| {r['p50_ttft_ms']:.1f} | {latency:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Output tok/s and TTFT p50 against concurrency, one line per system."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (tput, ttft) = plt.subplots(1, 2, figsize=(10, 4))
+    for system in dict.fromkeys(k[0] for k in results):
+        cs = sorted(c for s, c in results if s == system)
+        tput.plot(cs, [results[(system, c)]["output_throughput"] for c in cs], marker="o", label=system)
+        ttft.plot(cs, [results[(system, c)]["p50_ttft_ms"] for c in cs], marker="o", label=system)
+    for ax, label in ((tput, "output tok/s"), (ttft, "TTFT p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def table(results: dict) -> str:
@@ -204,14 +339,30 @@ def main() -> None:
     parser.add_argument(
         "--serve-env", nargs="*", default=[], metavar="KEY=VALUE", help="environment of lorafleet's Ray cluster"
     )
-    parser.add_argument("--systems", nargs="+", default=["vllm", "lorafleet"], choices=["vllm", "lorafleet"])
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=["vllm", "ray-serve-llm", "lorafleet"],
+        choices=["vllm", "ray-serve-llm", "lorafleet"],
+    )
+    parser.add_argument("--loras", type=int, default=0, help="multi-LoRA workload with this many adapters (peft)")
+    parser.add_argument("--max-loras", type=int, default=4, help="adapters resident per replica (both servers)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     args.name = args.name or ("tiny-chat" if args.model_dir == Path(MODEL) else args.model_dir.name)
     args.gpu = has_nvidia_gpu()
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    starters = {"vllm": lambda: start_vllm(args), "lorafleet": lambda: start_lorafleet(args, args.out / "state")}
-    results, startup = {}, {}
+    starters = {
+        "vllm": lambda: start_vllm(args),
+        "ray-serve-llm": lambda: start_ray_serve_llm(args),
+        "lorafleet": lambda: start_lorafleet(args, args.out / "state"),
+    }
+    results, startup, lora_results, new_adapter_s = {}, {}, {}, {}
+    args.adapters, args.spare_adapters = make_adapters(args)
+    kill_leftovers()
     for system in args.systems:
         launched = time.monotonic()
         proc = starters[system]()
@@ -222,13 +373,26 @@ def main() -> None:
             for c in args.concurrency:
                 results[(system, c)] = load(system, c, args, args.out)
                 print(f"{system} c={c}: {results[(system, c)]['output_throughput']:.0f} tok/s", flush=True)
+            if args.adapters and system != "ray-serve-llm":  # it loads adapters from cloud storage only
+                c = args.lora_concurrency
+                lora_results[system] = load(system, c, args, args.out, loras=list(args.adapters))
+                print(
+                    f"{system} c={c} {len(args.adapters)} adapters: {lora_results[system]['output_throughput']:.0f} tok/s"
+                )
+                new_adapter_s[system] = new_adapter_latency(args.spare_adapters)
+                print(f"{system}: new adapter -> first token p50 {statistics.median(new_adapter_s[system]):.3f} s")
         finally:
             stop(proc)
     report = table(results) + "\n\nstart → first token: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
+    if lora_results:
+        report += "\n\n" + lora_table(results, lora_results, new_adapter_s, args)
     print(report)
     (args.out / "table.md").write_text(report + "\n")
+    plot(results, args.out / "side_by_side.png")
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "startup_s": startup}
     summary["runs"] = [{"system": k[0], "concurrency": k[1], **v} for k, v in results.items()]
+    summary["lora_runs"] = lora_results
+    summary["new_adapter_to_first_token_s"] = new_adapter_s
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 

@@ -110,6 +110,9 @@ def run_app(args, tp: int, out: Path) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run([*ray, "stop", "--force"], capture_output=True)
+        from side_by_side import kill_leftovers
+
+        kill_leftovers()
 
 
 def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
