@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-from serve_app.platform import has_nvidia_gpu  # noqa: E402
+from serve_app.platform import SERVE_ENV, has_nvidia_gpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "serve_app" / "assets" / "tiny-chat")
@@ -121,7 +121,7 @@ def start_lorafleet(args, state: Path) -> subprocess.Popen:
         "time.sleep(10**6)"
     )
     log = open(Path(args.out) / "lorafleet-server.log", "w")  # noqa: SIM115 (lives as long as the server)
-    env = os.environ | dict(kv.split("=", 1) for kv in args.serve_env)
+    env = os.environ | SERVE_ENV | dict(kv.split("=", 1) for kv in args.serve_env)
     return subprocess.Popen(
         [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
     )
@@ -146,6 +146,8 @@ def start_ray_serve_llm(args) -> subprocess.Popen:
         "deployment_config": {"num_replicas": 1, "max_ongoing_requests": 256},
         "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
     }
+    if not args.gpu:  # it asks for a GPU bundle unless told otherwise
+        llm_config["accelerator_config"] = {"kind": "cpu"}
     code = (
         "import json,time,ray; from ray import serve; from ray.serve.llm import LLMConfig, build_openai_app;"
         # Ray Serve LLM waits forever for resources with fewer than 8 logical CPUs (ENVIRONMENT.md)
@@ -337,7 +339,11 @@ def main() -> None:
     parser.add_argument("--load-format", help="e.g. dummy: random weights of the real shape")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument(
-        "--serve-env", nargs="*", default=[], metavar="KEY=VALUE", help="environment of lorafleet's Ray cluster"
+        "--serve-env",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of lorafleet's Ray cluster, on top of serve_app.platform.SERVE_ENV",
     )
     parser.add_argument(
         "--systems",

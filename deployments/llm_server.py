@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from serve_app.adapter_residency import AdapterResidency
 from serve_app.config import ModelConfig
+from serve_app.engine_reaper import watch_engine_processes
 from serve_app.engines.protocol import Delta, GenerationRequest
 from serve_app.platform import has_nvidia_gpu
 
@@ -24,6 +25,7 @@ class LLMServer:
         self.model = model
         starter = engine_starter or start_engine
         self.engine = await starter(model)
+        self._reaper = watch_engine_processes()  # engine processes must not outlive a killed replica
         capacity = model.engine.max_cpu_loras or model.engine.max_loras
         self.adapters = AdapterResidency(self.engine, model.served_name, capacity, registry, _replica_id())
 

@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+# Serve settings lorafleet runs with (serve_app/platform.py SERVE_ENV); yours win.
+export RAY_SERVE_THROUGHPUT_OPTIMIZED=${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}
 exec .venv/bin/serve run serve_config.yaml "$@"

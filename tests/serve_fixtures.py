@@ -64,6 +64,9 @@ def serve_instance():
     import ray
     from ray import serve
 
+    from serve_app.platform import apply_serve_env
+
+    apply_serve_env()  # the tests run with the Serve settings users get
     ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     yield serve
