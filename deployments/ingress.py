@@ -62,9 +62,15 @@ def unwrap(exc: BaseException) -> BaseException:
     """The original exception behind Ray's wrappers (RayTaskError keeps it as `.cause`)."""
     while getattr(exc, "cause", None) is not None and exc.cause is not exc:
         exc = exc.cause
-    if type(exc).__name__ == "BackPressureError":
+    name = type(exc).__name__
+    if name == "BackPressureError":
         return OverloadedError("the server is at capacity; retry shortly.", code="overloaded")
+    if name in _REPLICA_GONE:  # Serve is replacing it; the request did not run to the end
+        return OverloadedError("a serving replica stopped while handling this request; retry.", code="replica_died")
     return exc
+
+
+_REPLICA_GONE = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "ActorUnschedulableError"}
 
 
 class Ingress:
