@@ -20,9 +20,20 @@ from tests.serve_fixtures import BASE, STATE
 pytestmark = pytest.mark.slow
 
 
-def kill_actor(name_part: str) -> None:
-    [actor] = [a for a in ray.util.list_named_actors(all_namespaces=True) if name_part in a["name"]]
+def replica_actor(deployment: str) -> dict:
+    """The one replica actor of this deployment in the "failing" app."""
+    [actor] = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if f"::failing#{deployment}#" in a["name"]  # SERVE_REPLICA::<app>#<deployment>#<id>
+    ]
+    return actor
+
+
+def kill_actor(deployment: str) -> str:
+    actor = replica_actor(deployment)
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+    return actor["name"]
 
 
 def eventually(call, timeout: float):
@@ -91,7 +102,9 @@ def test_engine_replica_killed_during_load(failing_app):
 
     # Serve replaces the replica by itself; the base model and the adapter answer again.
     def answer(model):
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "who are you?"}], max_tokens=16
+        )
         assert r.choices[0].message.content
         return r.choices[0].message.content
 
@@ -114,9 +127,11 @@ def test_registry_killed_during_registrations(failing_app):
         jobs = [pool.submit(register, i) for i in range(24)]
         while len(outcomes) < 4:
             time.sleep(0.05)
-        kill_actor("LoraRegistry")
+        killed = kill_actor("LoraRegistry")
+        answered_before_kill = len(outcomes)
         for job in jobs:
             job.result(timeout=120)
+    assert answered_before_kill < len(jobs)  # the kill landed while registrations were under way
 
     listed = eventually(
         lambda: {
@@ -124,10 +139,10 @@ def test_registry_killed_during_registrations(failing_app):
         },
         timeout=120,
     )
+    assert replica_actor("LoraRegistry")["name"] != killed  # Serve started a new registry replica
     succeeded = {n for n, status in outcomes.items() if status == 201}
     failed = {n for n, status in outcomes.items() if status != 201}
-    assert succeeded and failed, outcomes  # the kill landed while registrations were under way
-    assert succeeded <= listed  # acknowledged means committed
+    assert succeeded <= listed  # acknowledged means committed (Serve may retry the rest on the new replica)
     for status in (outcomes[n] for n in failed):
         assert status == -1 or status >= 500 or status == 503, outcomes
     # Whatever is listed is whole: it answers (a failed one may have committed before the kill).
