@@ -82,6 +82,7 @@ def start_vllm(args) -> subprocess.Popen:
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if args.adapters:
         cmd += ["--enable-lora", "--max-loras", str(args.max_loras), "--max-lora-rank", str(args.lora_rank)]
+        cmd += ["--max-cpu-loras", str(args.max_cpu_loras)] if args.max_cpu_loras else []
         cmd += ["--lora-modules", *(f"{n}={p}" for n, p in args.adapters.items())]
     log = open(Path(args.out) / "vllm-server.log", "w")  # noqa: SIM115 (lives as long as the server)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # what lorafleet sets for its CPU engines
@@ -107,7 +108,7 @@ def start_lorafleet(args, state: Path) -> subprocess.Popen:
         else {"name": args.name, "model_id_or_path": str(args.model_dir), "template_type": args.template}
     )
     if args.adapters:
-        engine |= {"max_loras": args.max_loras, "max_lora_rank": args.lora_rank}
+        engine |= {"max_loras": args.max_loras, "max_lora_rank": args.lora_rank, "max_cpu_loras": args.max_cpu_loras}
         model["lora_modules"] = {n: str(p) for n, p in args.adapters.items()}
     config = {
         "models": [model | {"engine": engine, "deployment": {"num_replicas": 1, "max_ongoing_requests": 256}}],
@@ -353,6 +354,7 @@ def main() -> None:
     )
     parser.add_argument("--loras", type=int, default=0, help="multi-LoRA workload with this many adapters (peft)")
     parser.add_argument("--max-loras", type=int, default=4, help="adapters resident per replica (both servers)")
+    parser.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (both servers)")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
