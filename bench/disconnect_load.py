@@ -39,8 +39,9 @@ async def one_client(client: httpx.AsyncClient, url: str, model: str, max_tokens
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
+        "logprobs": True,  # one logprob entry per generated token: the client's own token count
     }
-    chunks, text_tokens, usage = 0, 0, None
+    chunks, tokens, usage = 0, 0, None
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             return f"status {response.status_code}: {(await response.aread())[:200]!r}"
@@ -52,13 +53,13 @@ async def one_client(client: httpx.AsyncClient, url: str, model: str, max_tokens
                 return f"in-band error: {event['error']}"
             if event.get("usage"):
                 usage = event["usage"]
-            if event.get("choices"):
+            for choice in event.get("choices") or ():
                 chunks += 1
-                text_tokens += 1
+                tokens += len((choice.get("logprobs") or {}).get("content") or ())
             if leave_after is not None and chunks >= leave_after:
                 return "disconnected"  # leaving the `async with` closes the connection mid-stream
-    if usage is None or usage.get("completion_tokens") != max_tokens:
-        return f"usage {usage} does not report {max_tokens} completion tokens"
+    if usage is None or usage.get("completion_tokens") != tokens or tokens != max_tokens:
+        return f"usage {usage}: {tokens} tokens streamed, {max_tokens} asked for with ignore_eos"
     if usage["total_tokens"] != usage["prompt_tokens"] + usage["completion_tokens"]:
         return f"usage {usage} does not add up"
     return "completed"

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -371,6 +372,39 @@ class Ingress:
         self.metrics.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
         self.metrics.completion_tokens.labels(model).inc(usage["completion_tokens"])
         self.metrics.latency.labels(model).observe(time.perf_counter() - started)
+
+
+# Routes read their bodies themselves (size limit first, OpenAI-shaped errors); this puts the body
+# schemas into /openapi.json anyway, so clients and fuzzers (schemathesis) see them.
+_REQUEST_BODIES = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/load_lora_adapter": LoadLoraRequest,
+    "/v1/unload_lora_adapter": UnloadLoraRequest,
+    "/v1/adapters": AdapterCreate,
+}
+
+
+def _openapi() -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {})
+        models = components.setdefault("schemas", {})
+        for path, model in _REQUEST_BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            models.update(body.pop("$defs", {}))
+            models[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}, {}]
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
 
 
 def _bearer(request: Request) -> str:

@@ -81,7 +81,9 @@ class SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             stop=tuple(self.stop or ()),
-            stop_token_ids=tuple(stop_token_ids) + tuple(self.stop_token_ids or ()),
+            # ignore_eos also ignores the template's end-of-turn tokens (a chat model's EOS), as
+            # vLLM's server does; stop_token_ids the client sent still apply.
+            stop_token_ids=(() if self.ignore_eos else tuple(stop_token_ids)) + tuple(self.stop_token_ids or ()),
             seed=self.seed,
             n=self.n,
             logprobs=logprobs,
