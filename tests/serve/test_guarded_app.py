@@ -2,6 +2,7 @@
 
 import concurrent.futures as futures
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -58,3 +59,19 @@ def test_admin_routes_need_the_admin_key(guarded_app, key, status):
         f"{guarded_app}/v1/unload_lora_adapter", json={"lora_name": "none"}, headers=headers, timeout=30
     )
     assert unload.status_code == (404 if status == 200 else status)
+
+
+def test_keys_never_reach_the_logs(guarded_app):
+    """Requests with right and wrong keys, then no key appears in any Ray/Serve log file."""
+    import ray
+
+    for key in (API_KEY, ADMIN_KEY, "Bearer-wrong-key-123"):
+        httpx.post(f"{guarded_app}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"})
+        httpx.get(f"{guarded_app}/v1/adapters", headers={"Authorization": f"Bearer {key}"})
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        text = path.read_bytes()
+        for key in (API_KEY, ADMIN_KEY, "Bearer-wrong-key-123"):
+            assert key.encode() not in text, f"{key} in {path}"

