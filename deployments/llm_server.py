@@ -103,27 +103,7 @@ async def start_engine(model: ModelConfig):
         return await PtEngine.start(
             PtSettings(path, dtype="bfloat16" if e.dtype == "auto" else e.dtype, max_model_len=e.max_model_len)
         )
-    extra = dict(e.engine_kwargs)
-    if e.tensor_parallel_size > 1:
-        # Local worker processes on the devices this replica holds (see get_deployment_options);
-        # inside a Ray actor vLLM would otherwise pick its Ray executor.
-        extra.setdefault("distributed_executor_backend", "mp")
-    settings = VllmSettings(
-        model_dir=path,
-        tensor_parallel_size=e.tensor_parallel_size,
-        dtype=e.dtype,
-        max_model_len=e.max_model_len,
-        gpu_memory_utilization=e.gpu_memory_utilization,
-        enforce_eager=e.enforce_eager,
-        enable_lora=e.enable_lora,
-        max_loras=e.max_loras,
-        max_lora_rank=e.max_lora_rank,
-        max_cpu_loras=e.max_cpu_loras,
-        max_num_seqs=e.max_num_seqs,
-        seed=e.seed,
-        extra=extra,
-    )
-    return await VllmEngine.start(settings)
+    return await VllmEngine.start(VllmSettings.from_options(path, e))
 
 
 async def coalesce(source: AsyncIterator[list[Delta]]) -> AsyncIterator[list[Delta]]:

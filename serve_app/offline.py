@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
+from serve_app.config import EngineOptions
 from serve_app.engines.protocol import AdapterRef, GenerationRequest, SamplingOptions
 from serve_app.engines.pt_engine import PtEngine, PtSettings
 from serve_app.engines.vllm_engine import VllmEngine, VllmSettings
@@ -142,8 +143,7 @@ def get_vllm_engine(
 ) -> OfflineEngine:
     """Start a vLLM engine for `model_type` (or a local checkpoint) and return it ready for inference."""
     model_dir = resolve_model_dir(model_type, model_id_or_path)
-    settings = VllmSettings(
-        model_dir=model_dir,
+    options = EngineOptions(
         tensor_parallel_size=tensor_parallel_size,
         dtype=_dtype_name(torch_dtype),
         max_model_len=max_model_len,
@@ -154,8 +154,9 @@ def get_vllm_engine(
         max_lora_rank=max_lora_rank,
         max_num_seqs=max_num_seqs,
         seed=seed,
-        extra=dict(engine_kwargs or {}),
+        engine_kwargs=dict(engine_kwargs or {}),
     )
+    settings = VllmSettings.from_options(model_dir, options)
     loop = _EventLoopThread()
     engine = loop.run(VllmEngine.start(settings))
     return OfflineEngine(engine, loop, model_dir, model_type, default_generation_config(model_type, model_dir))

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from serve_app.engines.protocol import AdapterRef, Delta, GenerationRequest, SamplingOptions, TokenLogprob
 from serve_app.platform import prepare_vllm_env
+
+if TYPE_CHECKING:
+    from serve_app.config import EngineOptions
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,30 @@ class VllmSettings:
     seed: int = 0
     served_model_name: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, model_dir: str, options: EngineOptions) -> VllmSettings:
+        """The one place where lorafleet's engine options become vLLM settings."""
+        extra = dict(options.engine_kwargs)
+        if options.tensor_parallel_size > 1:
+            # Local worker processes on the devices this process holds (see
+            # LLMServer.get_deployment_options); inside a Ray actor vLLM would pick its Ray executor.
+            extra.setdefault("distributed_executor_backend", "mp")
+        return cls(
+            model_dir=model_dir,
+            tensor_parallel_size=options.tensor_parallel_size,
+            dtype=options.dtype,
+            max_model_len=options.max_model_len,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            enforce_eager=options.enforce_eager,
+            enable_lora=options.enable_lora,
+            max_loras=options.max_loras,
+            max_lora_rank=options.max_lora_rank,
+            max_cpu_loras=options.max_cpu_loras,
+            max_num_seqs=options.max_num_seqs,
+            seed=options.seed,
+            extra=extra,
+        )
 
     def engine_args(self):
         from vllm import AsyncEngineArgs
