@@ -55,6 +55,7 @@ async def _unexpected_error(request: Request, exc: Exception):
     exc = unwrap(exc)
     if isinstance(exc, LorafleetError):
         return JSONResponse(exc.to_dict(), status_code=exc.status)
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     error = LorafleetError("internal error; the server log has the details.")
     return JSONResponse(error.to_dict(), status_code=500)
 
