@@ -37,13 +37,16 @@ MODEL = str(ROOT / "serve_app" / "assets" / "tiny-chat")
 PORT = 8400
 
 
-def wait_ready(url: str, name: str, timeout: float = 900) -> None:
-    """Until a one-token chat completion answers (lorafleet's ingress is up before its engine)."""
+def wait_ready(url: str, name: str, timeout: float = 900, headers: dict | None = None, proc=None) -> None:
+    """Until a one-token chat completion answers (lorafleet's ingress is up before its engine).
+    Gives up early if `proc` (the server's process) has exited."""
     body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server process exited with {proc.returncode}; see its log")
         try:
-            if httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200:
+            if httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from side_by_side import kill_leftovers, wait_ready  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "change-me"  # serve_config.gpu.yaml's
@@ -100,7 +101,7 @@ def run_app(args, tp: int, out: Path) -> dict:
     )
     try:
         base_url = f"http://127.0.0.1:{args.port}"
-        wait_ready(base_url, proc)
+        wait_ready(base_url, "shape", headers={"Authorization": f"Bearer {API_KEY}"}, proc=proc)
         print(f"TP={tp}: app up in {time.monotonic() - started:.0f} s", flush=True)
         return {"tp": tp, "startup_s": time.monotonic() - started, **ask_all(args, base_url)}
     finally:
@@ -110,29 +111,7 @@ def run_app(args, tp: int, out: Path) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run([*ray, "stop", "--force"], capture_output=True)
-        from side_by_side import kill_leftovers
-
         kill_leftovers()
-
-
-def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve run exited with {proc.returncode}; see its log")
-        try:  # the ingress answers before the engine is up: ask for one token
-            r = httpx.post(
-                f"{base_url}/v1/chat/completions",
-                json={"model": "shape", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
-                headers={"Authorization": f"Bearer {API_KEY}"},
-                timeout=30,
-            )
-            if r.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{base_url} did not come up in {timeout} s")
 
 
 def ask_all(args, base_url: str) -> dict:

@@ -46,10 +46,6 @@ def prepare_vllm_env(tensor_parallel_size: int) -> None:
     if has_nvidia_gpu():
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # The engine core inside the replica process instead of a process of its own: on a few cores,
-    # one busy process fewer leaves more CPU to the engine (ENVIRONMENT.md measured ~1.3-1.6x at 16-64
-    # streams). GPUs keep vLLM's default, where the separate process overlaps scheduling with GPU work.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # The engine process reads the binding when it starts; a value we set for one engine must not
     # leak into the next one with another tensor_parallel_size.
     global _binding_we_set

@@ -40,21 +40,8 @@ class VllmSettings:
             # Local worker processes on the devices this process holds (see
             # LLMServer.get_deployment_options); inside a Ray actor vLLM would pick its Ray executor.
             extra.setdefault("distributed_executor_backend", "mp")
-        return cls(
-            model_dir=model_dir,
-            tensor_parallel_size=options.tensor_parallel_size,
-            dtype=options.dtype,
-            max_model_len=options.max_model_len,
-            gpu_memory_utilization=options.gpu_memory_utilization,
-            enforce_eager=options.enforce_eager,
-            enable_lora=options.enable_lora,
-            max_loras=options.max_loras,
-            max_lora_rank=options.max_lora_rank,
-            max_cpu_loras=options.max_cpu_loras,
-            max_num_seqs=options.max_num_seqs,
-            seed=options.seed,
-            extra=extra,
-        )
+        # EngineOptions names its fields as this class does; engine_kwargs becomes `extra`.
+        return cls(model_dir=model_dir, extra=extra, **options.model_dump(exclude={"engine_kwargs"}))
 
     def engine_args(self):
         from vllm import AsyncEngineArgs
