@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs of docs/benchmarks.md, on a machine prepared as ENVIRONMENT.md says
 # (vLLM 0.25.1 + Ray 2.60 wheels installed into /tmp/site by /tmp/parts/install.sh).
-#   bash bench/gpu.sh check OUT TP...   # serve run at each TP size (last = reference), adapters, equality
+#   bash bench/gpu.sh check OUT [tp_check.py flags]   # serve run per TP size: equality, adapters, affinity
 #   bash bench/gpu.sh bench OUT TP [side_by_side.py flags]   # vLLM server vs lorafleet, dummy weights
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,14 +13,11 @@ shape=/tmp/qwen2.5-7b-instruct
 what=$1 out=$2; shift 2
 mkdir -p "$out"
 case $what in
-check)
+check)  # tp_check.py flags follow, e.g. --tp 4 1
   python3 -m serve_app.engines.vllm_surface 2>&1 | tail -1 | tee "$out"/vllm_surface.txt
   [ -f $shape/model.safetensors.index.json ] ||
     python3 bench/model_shapes.py qwen2.5-7b-instruct $shape --weights 0 --adapters 2 --rank 16
-  python3 bench/tp_check.py --model-dir $shape --tp "$@" --out /tmp/tp_check \
-    --adapters $shape-adapters/lora-0 $shape-adapters/lora-1 || status=$?
-  cp /tmp/tp_check/tp_check.json /tmp/tp_check/serve-tp"$1".log "$out"/ || true
-  exit ${status:-0}
+  exec python3 bench/tp_check.py --model-dir $shape --out /tmp/tp_check --results "$out" "$@"
   ;;
 bench)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape

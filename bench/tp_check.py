@@ -1,14 +1,22 @@
 """Tensor-parallel check through `serve run` of the GPU example config.
 
-    python bench/tp_check.py --model-dir /tmp/qwen7b --tp 4 2 1 --adapters /tmp/qwen7b-adapters/lora-{0,1}
+    python bench/tp_check.py --model-dir /tmp/qwen7b --tp 4 2 1                  # TP equality (float32)
+    python bench/tp_check.py --model-dir /tmp/qwen7b --tp 4 --dtype bfloat16 --adapters /tmp/qwen7b-adapters/lora-{0,1}
+    python bench/tp_check.py --model-dir /tmp/qwen7b --tp 1 --replicas 2 --dtype bfloat16 --adapters ...  # affinity
 
 For each tensor_parallel_size in --tp: writes serve_config.gpu.yaml with the model, TP size and
-one replica swapped in, runs `serve run` on it, then through the openai client (with the config's
+replica count swapped in, runs `serve run` on it, then through the openai client (with the config's
 api_key) asks greedy chat completions for a handful of prompts, registers the adapters through the
-admin API (LoRA registry) and asks with each adapter twice. Then it compares: greedy output at
-every TP size equals the last one (TP=1); each adapter's output differs from the base and from the
-other adapter and repeats exactly. Where outputs part, it shows whether the two tokens were a near
-tie (top-5 logprobs). Prints a report and writes it as JSON to --out; exits 1 if a check fails.
+admin API (LoRA registry), asks each adapter once (it loads), waits for the replicas to report it,
+then asks with each adapter twice more, and saves the app's /metrics counts of which engine
+replica took which model's requests. Then it compares: greedy output at every TP size equals the
+last one (or --reference, a saved run); each adapter's output differs from the base and from the
+other adapters and repeats exactly. Where outputs part, it shows whether the two tokens were a near
+tie (top-5 logprobs). Prints a report and writes it as JSON to --results; exits 1 if a check fails.
+
+Equality needs float32: random weights give near-flat logits whose top two collide at bf16's
+resolution, and TP changes the reduction order. vLLM's LoRA kernels take only fp16/bf16, so the
+adapter checks run in bfloat16 (prefix caching off, so a repeat recomputes the same way).
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ def write_config(args, tp: int, out: Path) -> Path:
     )
     if args.cpu:  # the CPU has no GPU memory share to set
         model["engine"].pop("gpu_memory_utilization", None)
-    model["deployment"] = {"num_replicas": 1, "max_ongoing_requests": 64}
+    model["deployment"] = {"num_replicas": args.replicas, "max_ongoing_requests": 64}
     app_args["ingress"]["admin_api_key"] = ADMIN_KEY
     app_args["ingress"]["deployment"] = {"num_replicas": 1, "num_cpus": 0}
     shutil.rmtree(out / f"state-tp{tp}", ignore_errors=True)  # a fresh registry for each run
@@ -103,7 +111,12 @@ def run_app(args, tp: int, out: Path) -> dict:
         base_url = f"http://127.0.0.1:{args.port}"
         wait_ready(base_url, "shape", headers={"Authorization": f"Bearer {API_KEY}"}, proc=proc)
         print(f"TP={tp}: app up in {time.monotonic() - started:.0f} s", flush=True)
-        return {"tp": tp, "startup_s": time.monotonic() - started, **ask_all(args, base_url)}
+        answers = ask_all(args, base_url)
+        return {"tp": tp, "replicas": args.replicas, "startup_s": time.monotonic() - started, **answers}
+    except Exception:
+        log.flush()
+        print("".join((out / f"serve-tp{tp}.log").read_text().splitlines(keepends=True)[-60:]), flush=True)
+        raise
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -130,11 +143,26 @@ def ask_all(args, base_url: str) -> dict:
         )
         if r.status_code != 201:
             raise RuntimeError(f"registering {path}: {r.status_code} {r.text}")
+        ask(client, name, PROMPTS[0], 1)  # loads it on one replica
+        time.sleep(2)  # the replica reports it; Serve's router learns where it is
         adapters[name] = [
             {p: ask(client, name, p, args.max_tokens) for p in PROMPTS[: args.adapter_prompts]} for _ in range(2)
         ]
     models = sorted(m.id for m in client.models.list().data)
-    return {"models": models, "base": base, "adapters": adapters}
+    return {"models": models, "base": base, "adapters": adapters, "engine_requests": engine_requests(base_url)}
+
+
+def engine_requests(base_url: str) -> list[dict]:
+    """The app's own count of requests per model, engine replica and adapter residency (/metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).text
+    return [
+        {**sample.labels, "requests": sample.value}
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "lorafleet_engine_requests_total"
+    ]
 
 
 def ask(client, model: str, prompt: str, max_tokens: int) -> dict:
@@ -174,6 +202,11 @@ def compare(runs: list[dict]) -> tuple[list[str], bool]:
     lines, ok = [], True
     ref = runs[-1]
     for run in runs:
+        for row in run["engine_requests"]:
+            lines.append(
+                f"TP={run['tp']} x{run['replicas']} /metrics: {row['model']} -> replica {row['replica']} "
+                f"({row['adapter']}): {row['requests']:.0f}"
+            )
         for p in PROMPTS:
             diff = first_difference(run["base"][p], ref["base"][p])
             if run is not ref:
@@ -186,7 +219,9 @@ def compare(runs: list[dict]) -> tuple[list[str], bool]:
                 differs = answer["tokens"] != run["base"][p]["tokens"]
                 others = [a for n, a in run["adapters"].items() if n != name]
                 distinct = all(answer["tokens"] != o[0][p]["tokens"] for o in others)
-                same_as_ref = run is ref or answer["tokens"] == ref["adapters"][name][0][p]["tokens"]
+                same_as_ref = run is ref or answer["tokens"] == ref["adapters"].get(name, [{}])[0].get(p, {}).get(
+                    "tokens"
+                )
                 ok &= stable and differs and distinct
                 lines.append(
                     f"TP={run['tp']} {name} {p!r}: stable={stable} differs_from_base={differs} "
@@ -201,6 +236,8 @@ def main() -> None:
     parser.add_argument("--template", default="qwen")
     parser.add_argument("--tp", type=int, nargs="+", default=[4, 1], help="sizes to run; the last is the reference")
     parser.add_argument("--adapters", nargs="*", default=[])
+    parser.add_argument("--replicas", type=int, default=1, help="LLMServer replicas (each holds TP GPUs)")
+    parser.add_argument("--reference", type=Path, help="a saved run-tpN.json to compare against (after --tp's)")
     parser.add_argument("--adapter-prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -214,17 +251,24 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--cpu", action="store_true", help="running on the CPU (local rehearsal)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tp_check")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tp_check", help="work dir")
+    parser.add_argument("--results", type=Path, help="where the run and report JSON go (default: --out)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    results = args.results or args.out
+    results.mkdir(parents=True, exist_ok=True)
+    label = f"{args.dtype}" + (f"-x{args.replicas}" if args.replicas > 1 else "")
     runs = []
     for tp in args.tp:  # each run is saved as it ends, so a cut-off lease keeps what finished
         runs.append(run_app(args, tp, args.out))
-        (args.out / f"run-tp{tp}.json").write_text(json.dumps(runs[-1], indent=1))
+        (results / f"run-tp{tp}-{label}.json").write_text(json.dumps(runs[-1], indent=1))
+    if args.reference:
+        runs.append(json.loads(args.reference.read_text()))
     lines, ok = compare(runs)
     print("\n".join(lines))
     print("ALL CHECKS HOLD" if ok else "SOME CHECKS FAILED")
-    (args.out / "tp_check.json").write_text(json.dumps({"ok": ok, "report": lines, "runs": runs}, indent=1))
+    report = {"ok": ok, "report": lines, "runs": runs}
+    (results / f"tp_check-{'-'.join(map(str, args.tp))}-{label}.json").write_text(json.dumps(report, indent=1))
     sys.exit(0 if ok else 1)
 
 

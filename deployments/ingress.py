@@ -320,8 +320,10 @@ class Ingress:
             .options(stream=True, multiplexed_model_id=multiplexed)
             .generate.remote(request)
         )
-        first = await _first_message(stream)
+        served, first = await _first_message(stream)
         self.metrics.ttft.labels(req.model).observe(time.perf_counter() - started)
+        if served is not None:
+            self.metrics.engine_requests.labels(req.model, served.replica, served.adapter).inc()
         if req.stream:
             return StreamingResponse(self._events(stream, first, builder, req, started), media_type="text/event-stream")
         for deltas in [first] if first else []:
@@ -416,9 +418,9 @@ def _bearer(request: Request) -> str:
 async def _first_message(stream):
     """Await the first message so that errors before any output get a real HTTP status."""
     try:
-        return await stream.__anext__()
+        return await stream.__anext__()  # (ServedBy, deltas)
     except StopAsyncIteration:
-        return None
+        return None, None
     except Exception as exc:
         raise unwrap(exc) from None
 

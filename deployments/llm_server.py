@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from serve_app.adapter_residency import AdapterResidency
 from serve_app.config import ModelConfig
 from serve_app.engine_reaper import watch_engine_processes
-from serve_app.engines.protocol import Delta, GenerationRequest
+from serve_app.engines.protocol import Delta, GenerationRequest, ServedBy
 from serve_app.platform import has_nvidia_gpu
 
 
@@ -29,11 +29,15 @@ class LLMServer:
         capacity = model.engine.max_cpu_loras or model.engine.max_loras
         self.adapters = AdapterResidency(self.engine, model.served_name, capacity, registry, _replica_id())
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple[ServedBy, list[Delta]] | list[Delta]]:
+        """The first message is `(ServedBy, deltas)`, every later one a list of deltas."""
+        residency = "base"
         if request.adapter is not None:
-            await self.adapters.ensure(request.adapter)
+            residency = "loaded" if await self.adapters.ensure(request.adapter) else "resident"
+        served = ServedBy(self.adapters.replica_id, residency)
         async for deltas in coalesce(self.engine.generate(request)):
-            yield deltas
+            yield (served, deltas) if served else deltas
+            served = None
 
     async def num_running(self) -> int:
         return await self.engine.num_running()

@@ -57,10 +57,12 @@ class AdapterResidency:
         self._multiplexed_load = serve.multiplexed(max_num_models_per_replica=capacity)(load)
         self._tasks = [asyncio.create_task(self._follow_registry())] if registry is not None else []
 
-    async def ensure(self, adapter: AdapterRef) -> None:
-        """Make `adapter` resident on this replica (a no-op when it already is)."""
+    async def ensure(self, adapter: AdapterRef) -> bool:
+        """Make `adapter` resident on this replica; True when it was not resident before."""
+        was_resident = adapter.adapter_id in self.residents
         self.refs[adapter.adapter_id] = adapter
         await self._multiplexed_load(str(adapter.adapter_id))
+        return not was_resident
 
     async def _load(self, adapter_id: int) -> _Resident:
         await self.engine.add_adapter(self.refs[adapter_id])

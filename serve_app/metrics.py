@@ -22,6 +22,13 @@ class Metrics:
         self.errors = Counter(
             "lorafleet_errors", "Failed requests by model and error type", ["model", "type"], registry=self.registry
         )
+        self.engine_requests = Counter(
+            "lorafleet_engine_requests",
+            "Requests by model, the engine replica that took them, and whether their adapter was "
+            "resident there, loaded for them, or none (base)",
+            ["model", "replica", "adapter"],
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter(
             "lorafleet_prompt_tokens", "Prompt tokens by model", ["model"], registry=self.registry
         )

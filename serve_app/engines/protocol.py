@@ -59,6 +59,18 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class ServedBy:
+    """Which engine replica took a request and where its adapter stood there, for the ingress' metrics.
+
+    `adapter` is "base" (no adapter), "resident" (already loaded on that replica) or "loaded"
+    (this request waited for it to load there): affinity routing shows as few "loaded".
+    """
+
+    replica: str
+    adapter: str
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]

@@ -101,3 +101,65 @@ def test_tensor_parallel_2_through_the_graph(serve_instance, main_app):
             assert a.choices[0].message.content == b.choices[0].message.content
     finally:
         serve.delete("tp2")
+
+
+def engine_requests(url: str, model: str) -> dict[tuple[str, str], float]:
+    """(replica, adapter residency) -> requests for `model`, from the ingress' /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "lorafleet_engine_requests_total" and sample.labels["model"] == model:
+                counts[sample.labels["replica"], sample.labels["adapter"]] = sample.value
+    return counts
+
+
+def test_requests_for_an_adapter_go_to_the_replica_holding_it(serve_instance, main_app, tmp_path):
+    from serve_app.model_types import XIAO_HUANG_DIR
+    from tests.adapter_factory import make_adapter
+
+    adapters = {"xiao-huang": str(XIAO_HUANG_DIR), "ad-aff": str(make_adapter(tmp_path / "ad-aff", seed=7))}
+    config = AppConfig.model_validate(
+        {
+            "registry": {"state_dir": f"{STATE}/affinity"},
+            "models": [
+                {
+                    "name": "tiny-aff",
+                    "model_type": "tiny-chat",
+                    "engine": {"max_model_len": 512},
+                    "lora_modules": adapters,
+                    "deployment": {"num_replicas": 2},
+                }
+            ],
+            "ingress": {"deployment": {"num_replicas": 1, "num_cpus": 0}},  # one /metrics holds every count
+        }
+    )
+    serve_instance.run(build_from_config(config), name="affinity", route_prefix="/affinity")
+    url = f"{BASE}/affinity"
+    try:
+        assert wait_for(lambda: replicas("affinity", "LLMServer:tiny-aff") == 2, timeout=120)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+
+        def ask(model):
+            messages = [{"role": "user", "content": "who are you?"}]
+            client.chat.completions.create(model=model, messages=messages, max_tokens=4)
+
+        for name in adapters:
+            ask(name)  # loads it on one replica
+        time.sleep(2)  # the replicas report what they hold; the router learns it
+        for _ in range(6):
+            for name in adapters:
+                ask(name)
+                ask("tiny-aff")  # base requests go to either replica (12 in all)
+        for name in adapters:
+            counts = engine_requests(url, name)
+            loaded = [
+                replica for (replica, residency), n in counts.items() if residency == "loaded" for _ in range(int(n))
+            ]
+            assert len(loaded) == 1, counts  # loaded once, by its first request
+            assert counts == {(loaded[0], "loaded"): 1, (loaded[0], "resident"): 6}, counts
+        base = engine_requests(url, "tiny-aff")
+        assert {residency for _, residency in base} == {"base"} and sum(base.values()) == 12
+    finally:
+        serve.delete("affinity")
