@@ -23,8 +23,9 @@ bench)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
   tp=$1; shift
   python3 bench/side_by_side.py --model-dir $shape --tp "$tp" --load-format dummy --max-model-len 4096 \
-    --input-len 512 --output-len 256 --out /tmp/bench-tp"$tp" "$@" || status=$?
-  cp /tmp/bench-tp"$tp"/{table.md,summary.json,lorafleet-server.log} "$out"/ || true
+    --input-len 512 --output-len 256 --out /tmp/bench-tp"$tp" --keep "$@" || status=$?
+  cp /tmp/bench-tp"$tp"/{table.md,summary.json,side_by_side.png} "$out"/ || true
+  tail -c 200000 /tmp/bench-tp"$tp"/lorafleet-server.log > "$out"/lorafleet-server.log || true
   exit ${status:-0}
   ;;
 esac

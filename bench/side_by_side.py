@@ -361,6 +361,9 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep other systems' results in --out (one comparison over several calls)"
+    )
     args = parser.parse_args()
     args.name = args.name or ("tiny-chat" if args.model_dir == Path(MODEL) else args.model_dir.name)
     args.gpu = has_nvidia_gpu()
@@ -371,7 +374,7 @@ def main() -> None:
         "ray-serve-llm": lambda: start_ray_serve_llm(args),
         "lorafleet": lambda: start_lorafleet(args, args.out / "state"),
     }
-    results, startup, lora_results, new_adapter_s = {}, {}, {}, {}
+    results, startup, lora_results, new_adapter_s = earlier_results(args) if args.keep else ({}, {}, {}, {})
     args.adapters, args.spare_adapters = make_adapters(args)
     kill_leftovers()
     for system in args.systems:
@@ -394,10 +397,14 @@ def main() -> None:
                 print(f"{system}: new adapter -> first token p50 {statistics.median(new_adapter_s[system]):.3f} s")
         finally:
             stop(proc)
+        write_report(args, results, startup, lora_results, new_adapter_s)  # each system's part lands as it ends
+
+
+def write_report(args, results: dict, startup: dict, lora_results: dict, new_adapter_s: dict) -> None:
     report = table(results) + "\n\nstart → first token: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
     if lora_results:
         report += "\n\n" + lora_table(results, lora_results, new_adapter_s, args)
-    print(report)
+    print(report, flush=True)
     (args.out / "table.md").write_text(report + "\n")
     plot(results, args.out / "side_by_side.png")
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "startup_s": startup}
@@ -405,6 +412,21 @@ def main() -> None:
     summary["lora_runs"] = lora_results
     summary["new_adapter_to_first_token_s"] = new_adapter_s
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+def earlier_results(args) -> tuple[dict, dict, dict, dict]:
+    """What --out/summary.json holds for the systems this call does not run (a run split over calls)."""
+    path = args.out / "summary.json"
+    if not path.exists():
+        return {}, {}, {}, {}
+    summary = json.loads(path.read_text())
+    other = [s for s in summary.get("startup_s", {}) if s not in args.systems]
+    results = {(r["system"], r["concurrency"]): r for r in summary.get("runs", []) if r["system"] in other}
+
+    def pick(key: str) -> dict:
+        return {k: v for k, v in summary.get(key, {}).items() if k in other}
+
+    return results, pick("startup_s"), pick("lora_runs"), pick("new_adapter_to_first_token_s")
 
 
 if __name__ == "__main__":

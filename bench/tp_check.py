@@ -1,8 +1,8 @@
 """Tensor-parallel check through `serve run` of the GPU example config.
 
     python bench/tp_check.py --model-dir /tmp/qwen7b --tp 4 2 1                  # TP equality (float32)
-    python bench/tp_check.py --model-dir /tmp/qwen7b --tp 4 --dtype bfloat16 --adapters /tmp/qwen7b-adapters/lora-{0,1}
-    python bench/tp_check.py --model-dir /tmp/qwen7b --tp 1 --replicas 2 --dtype bfloat16 --adapters ...  # affinity
+    python bench/tp_check.py --model-dir /tmp/qwen7b --tp 4 --dtype float16 --adapters /tmp/qwen7b-adapters/lora-{0,1}
+    python bench/tp_check.py --model-dir /tmp/qwen7b --tp 1 --replicas 2 --dtype float16 --adapters ...  # affinity
 
 For each tensor_parallel_size in --tp: writes serve_config.gpu.yaml with the model, TP size and
 replica count swapped in, runs `serve run` on it, then through the openai client (with the config's
@@ -16,7 +16,7 @@ tie (top-5 logprobs). Prints a report and writes it as JSON to --results; exits 
 
 Equality needs float32: random weights give near-flat logits whose top two collide at bf16's
 resolution, and TP changes the reduction order. vLLM's LoRA kernels take only fp16/bf16, so the
-adapter checks run in bfloat16 (prefix caching off, so a repeat recomputes the same way).
+adapter checks run in float16 (8x finer than bf16; prefix caching off, so a repeat recomputes alike).
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def write_config(args, tp: int, out: Path) -> Path:
         dtype=args.dtype,
         enforce_eager=args.eager,
         max_model_len=args.max_model_len,
-        enable_lora=True,
+        enable_lora=bool(args.adapters),  # vLLM's GPU LoRA kernels refuse float32, even while profiling
         seed=0,
-        engine_kwargs=dict(args.engine_kwargs),
+        engine_kwargs={"enable_prefix_caching": False, **args.engine_kwargs},  # a repeat must recompute
     )
     if args.cpu:  # the CPU has no GPU memory share to set
         model["engine"].pop("gpu_memory_utilization", None)
@@ -207,6 +207,12 @@ def compare(runs: list[dict]) -> tuple[list[str], bool]:
                 f"TP={run['tp']} x{run['replicas']} /metrics: {row['model']} -> replica {row['replica']} "
                 f"({row['adapter']}): {row['requests']:.0f}"
             )
+        for name in run["adapters"]:  # affinity: loaded once, then every request on that replica
+            rows = [r for r in run["engine_requests"] if r["model"] == name]
+            loads = sum(r["requests"] for r in rows if r["adapter"] == "loaded")
+            held_by = {r["replica"] for r in rows}
+            ok &= loads == 1 and len(held_by) == 1
+            lines.append(f"TP={run['tp']} x{run['replicas']} {name}: loaded {loads:.0f}x, served by {sorted(held_by)}")
         for p in PROMPTS:
             diff = first_difference(run["base"][p], ref["base"][p])
             if run is not ref:
