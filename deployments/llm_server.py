@@ -105,7 +105,12 @@ async def start_engine(model: ModelConfig):
     e = model.engine
     if model.infer_backend == "pt":
         return await PtEngine.start(
-            PtSettings(path, dtype="bfloat16" if e.dtype == "auto" else e.dtype, max_model_len=e.max_model_len)
+            PtSettings(
+                path,
+                dtype="bfloat16" if e.dtype == "auto" else e.dtype,
+                max_model_len=e.max_model_len,
+                trust_remote_code=bool(e.trust_remote_code),
+            )
         )
     return await VllmEngine.start(VllmSettings.from_options(path, e))
 

@@ -52,11 +52,15 @@ class _ModelTemplate:
         from serve_app.template import get_template
 
         path = resolve_model_dir(model.model_type, model.model_id_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        remote_code = model.engine.trust_remote_code
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote_code)
         template_type = model.template_type or (
             get_default_template_type(model.model_type) if model.model_type else "jinja"
         )
-        max_len = model.engine.max_model_len or AutoConfig.from_pretrained(path).max_position_embeddings
+        max_len = (
+            model.engine.max_model_len
+            or AutoConfig.from_pretrained(path, trust_remote_code=remote_code).max_position_embeddings
+        )
         return cls(get_template(template_type, tokenizer), max_len, model.is_chat)
 
     def render(self, request: RenderRequest) -> RenderedPrompt:

@@ -53,7 +53,7 @@ def base_model_spec(model: ModelConfig) -> BaseModelSpec:
 
     path = resolve_model_dir(model.model_type, model.model_id_or_path)
     try:
-        hf_config = AutoConfig.from_pretrained(path).to_dict()
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model.engine.trust_remote_code).to_dict()
     except (OSError, ValueError):
         hf_config = {}  # not readable here (e.g. a hub id offline): rank and modules are still checked
     if model.infer_backend == "pt":  # peft applies any LoRA it can load

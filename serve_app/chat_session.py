@@ -55,7 +55,11 @@ def build_chat_session(args: argparse.Namespace, choice) -> ChatSession:
 
 
 def _start_engine(args, choice) -> OfflineEngine:
-    common = dict(model_id_or_path=choice.model_id_or_path, max_model_len=args.max_model_len)
+    common = dict(
+        model_id_or_path=choice.model_id_or_path,
+        max_model_len=args.max_model_len,
+        trust_remote_code=args.trust_remote_code,
+    )
     if args.infer_backend == "pt":
         return get_pt_engine(choice.model_type, None if args.dtype == "auto" else args.dtype, **common)
     return get_vllm_engine(

@@ -39,6 +39,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--max_cpu_loras", type=int, default=None, help="adapters a replica keeps loaded (default max_loras)"
     )
     group.add_argument("--lora_modules", nargs="*", default=[], metavar="NAME=PATH")
+    group.add_argument(
+        "--trust_remote_code",
+        type=str2bool,
+        default=None,
+        help="run the checkpoint's own code (default: on for model types that need it, e.g. qwen-7b-chat)",
+    )
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,7 @@ def config_from_args(args: argparse.Namespace):
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
+        trust_remote_code=args.trust_remote_code,
     )
     model = ModelConfig(
         name=args.served_model_name,
@@ -163,7 +170,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     if not args.ckpt_dir:
         raise SystemExit("lorafleet: export needs --ckpt_dir (a PEFT adapter folder).")
     if args.merge_lora:
-        exporter.merge_lora(args.ckpt_dir, args.output_dir, args.model_type, args.model_id_or_path)
+        exporter.merge_lora(
+            args.ckpt_dir, args.output_dir, args.model_type, args.model_id_or_path, args.trust_remote_code
+        )
     elif args.to_peft_format:
         exporter.copy_peft(args.ckpt_dir, args.output_dir)
     else:
@@ -220,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model_type", default=None, help="base model type (default: the adapter's base)")
     export.add_argument("--model_id_or_path", default=None, help="base checkpoint dir (default: the adapter's base)")
     export.add_argument("--merge_lora", type=str2bool, default=False)
+    export.add_argument("--trust_remote_code", type=str2bool, default=None, help="run the base checkpoint's own code")
     export.add_argument("--to_peft_format", type=str2bool, default=False)
     export.add_argument("--output_dir", default=None, help="default: CKPT_DIR-merged (or CKPT_DIR-peft)")
     export.add_argument("--quant_bits", type=int, default=0, help="not supported yet")

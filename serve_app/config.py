@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve_app.model_types import MODELS, get_model_info
+from serve_app.model_types import MODELS, check_remote_code, get_model_info, trusts_remote_code
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,6 +96,11 @@ class EngineOptions(Strict):
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the engine accepts")
     max_num_seqs: int | None = Field(None, ge=1, description="sequences per engine step (batch size)")
     seed: int = Field(0, description="engine seed")
+    trust_remote_code: bool | None = Field(
+        None,
+        description="run the checkpoint's own Python code (its auto_map); default: on for model types that "
+        "need it (qwen-7b-chat, qwen-7b, chatglm3-6b), off for other models",
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="other vLLM AsyncEngineArgs fields")
 
 
@@ -119,6 +124,9 @@ class ModelConfig(Strict):
             raise ValueError("each model needs model_type or model_id_or_path")
         if self.model_type:
             get_model_info(self.model_type)
+        self.engine.trust_remote_code = trusts_remote_code(self.model_type, self.engine.trust_remote_code)
+        if self.model_id_or_path:
+            check_remote_code(str(Path(self.model_id_or_path).expanduser()), self.engine.trust_remote_code)
         if self.lora_modules:
             self.engine.enable_lora = True
             self.lora_modules = {name: resolve_path(path) for name, path in self.lora_modules.items()}

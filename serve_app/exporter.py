@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lora_registry.adapter_files import inspect_adapter, is_peft_adapter
 from serve_app.errors import ConfigError
-from serve_app.model_types import MODELS, resolve_model_dir
+from serve_app.model_types import MODELS, check_remote_code, resolve_model_dir, trusts_remote_code
 
 
 def base_dir_for(adapter_path: str, model_type: str | None, model_id_or_path: str | None) -> str:
@@ -26,7 +26,11 @@ def base_dir_for(adapter_path: str, model_type: str | None, model_id_or_path: st
 
 
 def merge_lora(
-    adapter_path: str, output_dir: str | None = None, model_type: str | None = None, model_id_or_path: str | None = None
+    adapter_path: str,
+    output_dir: str | None = None,
+    model_type: str | None = None,
+    model_id_or_path: str | None = None,
+    trust_remote_code: bool | None = None,
 ) -> Path:
     """Write base + adapter as one checkpoint (weights in the base's dtype, tokenizer, chat
     template, generation config) that vLLM and transformers load like any model."""
@@ -39,12 +43,16 @@ def merge_lora(
     base = base_dir_for(adapter_path, model_type, model_id_or_path)
     out = Path(output_dir) if output_dir else Path(f"{str(Path(adapter_path)).rstrip('/')}-merged")
     print(f"[export] base {base}\n[export] adapter {adapter_path}", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # merge in full precision
+    remote_code = trusts_remote_code(model_type, trust_remote_code)
+    check_remote_code(base, remote_code)
+    model = AutoModelForCausalLM.from_pretrained(  # merge in full precision
+        base, dtype=torch.float32, trust_remote_code=remote_code
+    )
     saved_dtype = _checkpoint_dtype(base)
     merged = PeftModel.from_pretrained(model, adapter_path).merge_and_unload(progressbar=True)
     print(f"[export] writing {out}", flush=True)
     merged.to(saved_dtype).save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base, trust_remote_code=remote_code).save_pretrained(out)
     try:
         GenerationConfig.from_pretrained(base).save_pretrained(out)
     except OSError:

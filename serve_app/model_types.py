@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class ModelInfo:
     template_type: str
     is_chat: bool = True
     generation: dict = field(default_factory=dict)
+    trust_remote_code: bool = False  # the checkpoint ships its own model/tokenizer code (auto_map)
 
 
 _SAMPLING = dict(max_new_tokens=2048, temperature=0.3, top_p=0.7, top_k=20, repetition_penalty=1.05)
@@ -42,9 +44,11 @@ _SAMPLING = dict(max_new_tokens=2048, temperature=0.3, top_p=0.7, top_k=20, repe
 MODELS: dict[str, ModelInfo] = {
     info.model_type: info
     for info in [
-        ModelInfo("qwen-7b-chat", "Qwen/Qwen-7B-Chat", "qwen", generation=_SAMPLING),
-        ModelInfo("qwen-7b", "Qwen/Qwen-7B", "default-generation", is_chat=False, generation=_SAMPLING),
-        ModelInfo("chatglm3-6b", "THUDM/chatglm3-6b", "chatglm3", generation=_SAMPLING),
+        ModelInfo("qwen-7b-chat", "Qwen/Qwen-7B-Chat", "qwen", generation=_SAMPLING, trust_remote_code=True),
+        ModelInfo(
+            "qwen-7b", "Qwen/Qwen-7B", "default-generation", is_chat=False, generation=_SAMPLING, trust_remote_code=True
+        ),
+        ModelInfo("chatglm3-6b", "THUDM/chatglm3-6b", "chatglm3", generation=_SAMPLING, trust_remote_code=True),
         ModelInfo("yi-6b-chat", "01-ai/Yi-6B-Chat", "chatml", generation=_SAMPLING),
         ModelInfo("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "llama", generation=_SAMPLING),
         ModelInfo("llama3-8b-instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3", generation=_SAMPLING),
@@ -70,6 +74,28 @@ def get_model_info(model_type: str) -> ModelInfo:
         "For another model pass model_id_or_path=LOCAL_DIR (and template_type).",
         param="model_type",
     )
+
+
+def trusts_remote_code(model_type: str | None, asked: bool | None = None) -> bool:
+    """Whether to run a checkpoint's own code: as asked, else what its model type needs (off for paths)."""
+    if asked is not None:
+        return asked
+    return bool(model_type) and get_model_info(model_type).trust_remote_code
+
+
+def check_remote_code(model_dir: str, trust_remote_code: bool) -> None:
+    """A local checkpoint that ships its own code (`auto_map`) loads only when trusted: say so up front,
+    instead of transformers' interactive prompt or a failure deep inside the engine."""
+    if trust_remote_code or not Path(model_dir).is_dir():
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(model_dir) / name
+        if path.exists() and "auto_map" in json.loads(path.read_text()):
+            raise ConfigError(
+                f"checkpoint '{model_dir}' ships its own Python code ({name} has auto_map); loading it runs "
+                "that code. If you trust it, pass trust_remote_code: true (engine option; CLI --trust_remote_code true).",
+                param="trust_remote_code",
+            )
 
 
 def get_default_template_type(model_type: str) -> str:

@@ -26,7 +26,13 @@ from serve_app.engines.protocol import AdapterRef, GenerationRequest, SamplingOp
 from serve_app.engines.pt_engine import PtEngine, PtSettings
 from serve_app.engines.vllm_engine import VllmEngine, VllmSettings
 from serve_app.errors import ConfigError
-from serve_app.model_types import MODELS, get_model_info, resolve_model_dir
+from serve_app.model_types import (
+    MODELS,
+    check_remote_code,
+    get_model_info,
+    resolve_model_dir,
+    trusts_remote_code,
+)
 from serve_app.template import Template
 
 logger = logging.getLogger(__name__)
@@ -75,13 +81,19 @@ class OfflineEngine:
     """An engine plus what the offline API needs: a loop, the tokenizer, generation defaults."""
 
     def __init__(
-        self, engine, loop: _EventLoopThread, model_dir: str, model_type: str | None, config: GenerationConfig
+        self,
+        engine,
+        loop: _EventLoopThread,
+        model_dir: str,
+        model_type: str | None,
+        config: GenerationConfig,
+        trust_remote_code: bool = False,
     ):
         from transformers import AutoTokenizer
 
         self.engine, self._loop = engine, loop
         self.model_dir, self.model_type = model_dir, model_type
-        self.hf_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.hf_tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.generation_config = config
         self.max_model_len: int = engine.max_model_len
         self._checked_adapters: set[tuple[str, int]] = set()
@@ -138,11 +150,16 @@ def get_vllm_engine(
     max_lora_rank: int = 16,
     max_num_seqs: int | None = None,
     seed: int = 0,
+    trust_remote_code: bool | None = None,
     engine_kwargs: dict | None = None,
     **_: Any,
 ) -> OfflineEngine:
-    """Start a vLLM engine for `model_type` (or a local checkpoint) and return it ready for inference."""
+    """Start a vLLM engine for `model_type` (or a local checkpoint) and return it ready for inference.
+
+    `trust_remote_code`: run the checkpoint's own code; default: what the model type needs."""
     model_dir = resolve_model_dir(model_type, model_id_or_path)
+    remote_code = trusts_remote_code(model_type, trust_remote_code)
+    check_remote_code(model_dir, remote_code)
     options = EngineOptions(
         tensor_parallel_size=tensor_parallel_size,
         dtype=_dtype_name(torch_dtype),
@@ -154,12 +171,14 @@ def get_vllm_engine(
         max_lora_rank=max_lora_rank,
         max_num_seqs=max_num_seqs,
         seed=seed,
+        trust_remote_code=remote_code,
         engine_kwargs=dict(engine_kwargs or {}),
     )
     settings = VllmSettings.from_options(model_dir, options)
     loop = _EventLoopThread()
     engine = loop.run(VllmEngine.start(settings))
-    return OfflineEngine(engine, loop, model_dir, model_type, default_generation_config(model_type, model_dir))
+    config = default_generation_config(model_type, model_dir)
+    return OfflineEngine(engine, loop, model_dir, model_type, config, remote_code)
 
 
 def get_pt_engine(
@@ -168,17 +187,24 @@ def get_pt_engine(
     *,
     model_id_or_path: str | None = None,
     max_model_len: int | None = None,
+    trust_remote_code: bool | None = None,
     **_: Any,
 ) -> OfflineEngine:
     """The same API on transformers (+ peft): adapters go in through `lora_request` per call."""
     model_dir = resolve_model_dir(model_type, model_id_or_path)
     dtype = _dtype_name(torch_dtype)
+    remote_code = trusts_remote_code(model_type, trust_remote_code)
+    check_remote_code(model_dir, remote_code)
     settings = PtSettings(
-        model_dir=model_dir, dtype="bfloat16" if dtype == "auto" else dtype, max_model_len=max_model_len
+        model_dir=model_dir,
+        dtype="bfloat16" if dtype == "auto" else dtype,
+        max_model_len=max_model_len,
+        trust_remote_code=remote_code,
     )
     loop = _EventLoopThread()
     engine = loop.run(PtEngine.start(settings))
-    return OfflineEngine(engine, loop, model_dir, model_type, default_generation_config(model_type, model_dir))
+    config = default_generation_config(model_type, model_dir)
+    return OfflineEngine(engine, loop, model_dir, model_type, config, remote_code)
 
 
 def default_generation_config(model_type: str | None, model_dir: str) -> GenerationConfig:

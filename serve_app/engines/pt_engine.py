@@ -21,6 +21,7 @@ class PtSettings:
     dtype: str = "bfloat16"
     max_model_len: int | None = None
     device: str | None = None
+    trust_remote_code: bool = False
 
 
 class _StopFlag:
@@ -43,9 +44,11 @@ class PtEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.settings = settings
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_dir, trust_remote_code=settings.trust_remote_code)
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=getattr(torch, settings.dtype))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            settings.model_dir, dtype=getattr(torch, settings.dtype), trust_remote_code=settings.trust_remote_code
+        )
         self.model.to(device).eval()
         self.max_model_len = settings.max_model_len or self.model.config.max_position_embeddings
         self._adapters: dict[int, str] = {}  # adapter_id -> peft adapter name

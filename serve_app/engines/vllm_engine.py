@@ -29,6 +29,7 @@ class VllmSettings:
     max_cpu_loras: int | None = None
     max_num_seqs: int | None = None
     seed: int = 0
+    trust_remote_code: bool = False
     served_model_name: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -41,7 +42,9 @@ class VllmSettings:
             # LLMServer.get_deployment_options); inside a Ray actor vLLM would pick its Ray executor.
             extra.setdefault("distributed_executor_backend", "mp")
         # EngineOptions names its fields as this class does; engine_kwargs becomes `extra`.
-        return cls(model_dir=model_dir, extra=extra, **options.model_dump(exclude={"engine_kwargs"}))
+        fields = options.model_dump(exclude={"engine_kwargs"})
+        fields["trust_remote_code"] = bool(fields["trust_remote_code"])  # None: not resolved by a ModelConfig
+        return cls(model_dir=model_dir, extra=extra, **fields)
 
     def engine_args(self):
         from vllm import AsyncEngineArgs
@@ -56,6 +59,7 @@ class VllmSettings:
             enforce_eager=self.enforce_eager,
             enable_lora=self.enable_lora,
             seed=self.seed,
+            trust_remote_code=self.trust_remote_code,
             disable_log_stats=True,
         )
         if self.enable_lora:
