@@ -115,6 +115,14 @@ def start_lorafleet(args, state: Path) -> subprocess.Popen:
         model["lora_modules"] = {n: str(p) for n, p in args.adapters.items()}
     config = {
         "models": [model | {"engine": engine, "deployment": {"num_replicas": 1, "max_ongoing_requests": 256}}],
+        "ingress": {  # the ingress defaults, with the replica count asked for
+            "deployment": {
+                "num_replicas": args.ingress_replicas,
+                "max_ongoing_requests": 1024,
+                "max_queued_requests": -1,
+                "num_cpus": 0,
+            }
+        },
         "registry": {"state_dir": str(state), "allowed_roots": [str(args.out / "adapters")]},
     }
     code = (
@@ -359,6 +367,7 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, default=4, help="adapters resident per replica (both servers)")
     parser.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (both servers)")
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--ingress-replicas", type=int, default=1, help="lorafleet's ingress replicas")
     parser.add_argument("--lora-concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
