@@ -240,9 +240,29 @@ def load(system: str, concurrency: int, args, out: Path, loras: list[str] = ()) 
     ]
     if loras:  # each request picks one of these at random
         cmd += ["--lora-modules", *loras]
+    before = stream_counts() if system == "lorafleet" else None
     with open(out / name.replace(".json", ".log"), "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    return json.loads((out / name).read_text())
+    result = json.loads((out / name).read_text())
+    if before:
+        after = stream_counts()
+        messages = after["messages"] - before["messages"]
+        result["tokens_per_message"] = (after["tokens"] - before["tokens"]) / messages if messages else None
+    return result
+
+
+def stream_counts() -> dict[str, float]:
+    """lorafleet's completion tokens and engine messages so far, from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {"lorafleet_completion_tokens_total": "tokens", "lorafleet_engine_messages_total": "messages"}
+    counts = dict.fromkeys(names.values(), 0.0)
+    text = httpx.get(f"http://127.0.0.1:{PORT}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in names:
+                counts[names[sample.name]] += sample.value
+    return counts
 
 
 def make_adapters(args) -> tuple[dict[str, Path], list[Path]]:
@@ -317,10 +337,16 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def per_message(result: dict) -> str:
+    """Tokens per engine message (lorafleet's coalescing); '-' where the system has no such hop."""
+    value = result.get("tokens_per_message")
+    return f"{value:.2f}" if value else "-"
+
+
 def table(results: dict) -> str:
     rows = [
-        "| system | concurrency | output tok/s | ratio to vLLM | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms |",
-        "|---|---|---|---|---|---|---|",
+        "| system | concurrency | output tok/s | ratio to vLLM | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | tokens/message |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (system, c), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "vllm")):
         ratio = (
@@ -329,7 +355,8 @@ def table(results: dict) -> str:
             else float("nan")
         )
         rows.append(
-            f"| {system} | {c} | {r['output_throughput']:.0f} | {ratio:.2f}x | {r['p50_ttft_ms']:.1f} | {r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} |"
+            f"| {system} | {c} | {r['output_throughput']:.0f} | {ratio:.2f}x | {r['p50_ttft_ms']:.1f} "
+            f"| {r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} | {per_message(r)} |"
         )
     return "\n".join(rows)
 

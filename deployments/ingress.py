@@ -327,9 +327,11 @@ class Ingress:
         if req.stream:
             return StreamingResponse(self._events(stream, first, builder, req, started), media_type="text/event-stream")
         for deltas in [first] if first else []:
+            builder.messages += 1
             for d in deltas:
                 builder.add(d)
         async for deltas in stream:
+            builder.messages += 1
             for d in deltas:
                 builder.add(d)
         self._count(builder, req.model, started)
@@ -364,6 +366,7 @@ class Ingress:
 
     @staticmethod
     def _chunks(builder: ResponseBuilder, deltas) -> str:
+        builder.messages += 1
         parts = []
         for d in deltas:
             builder.add(d)
@@ -374,6 +377,7 @@ class Ingress:
         usage = builder.usage
         self.metrics.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
         self.metrics.completion_tokens.labels(model).inc(usage["completion_tokens"])
+        self.metrics.engine_messages.labels(model).inc(builder.messages)
         self.metrics.latency.labels(model).observe(time.perf_counter() - started)
 
 

@@ -29,6 +29,13 @@ class Metrics:
             ["model", "replica", "adapter"],
             registry=self.registry,
         )
+        self.engine_messages = Counter(
+            "lorafleet_engine_messages",
+            "Messages from engine replicas to the ingress; completion tokens / messages = tokens per "
+            "message, how much streams coalesce under load",
+            ["model"],
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter(
             "lorafleet_prompt_tokens", "Prompt tokens by model", ["model"], registry=self.registry
         )

@@ -34,6 +34,7 @@ class ResponseBuilder:
         self.top = top_logprobs or 0
         self.choices = [_Choice() for _ in range(n)]
         self._role_sent = [False] * n
+        self.messages = 0  # engine messages received (the ingress counts them into its metrics)
 
     def add(self, delta: Delta) -> None:
         choice = self.choices[delta.index]

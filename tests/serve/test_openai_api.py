@@ -207,6 +207,39 @@ def test_health_and_metrics(client, main_app):
     assert "lorafleet_errors_total" in text
 
 
+def test_metrics_count_engine_messages_and_the_replica_that_served(client, main_app):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts():
+        found = {}
+        for family in text_string_to_metric_families(httpx.get(f"{main_app}/metrics").text):
+            for sample in family.samples:
+                if sample.labels.get("model") == "tiny-chat":
+                    key = (sample.name, sample.labels.get("adapter"))
+                    found[key] = found.get(key, 0) + sample.value
+        return found
+
+    before = counts()
+    stream = client.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=32,
+        extra_body={"ignore_eos": True},
+        stream=True,
+    )
+    chunks = [c for c in stream if c.choices and c.choices[0].delta.content]
+    after = counts()
+    messages = after[("lorafleet_engine_messages_total", None)] - before.get(
+        ("lorafleet_engine_messages_total", None), 0
+    )
+    tokens = after[("lorafleet_completion_tokens_total", None)] - before.get(
+        ("lorafleet_completion_tokens_total", None), 0
+    )
+    assert tokens == 32 and 1 <= messages <= 32 and len(chunks) <= messages  # one SSE write per message
+    served = ("lorafleet_engine_requests_total", "base")
+    assert after[served] - before.get(served, 0) == 1
+
+
 def test_omitted_sampling_fields_use_the_models_defaults(client):
     # tiny-chat's defaults are greedy, so an OpenAI request without temperature is deterministic
     messages = [{"role": "user", "content": "who are you?"}]
