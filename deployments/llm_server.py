@@ -16,9 +16,11 @@ from serve_app.platform import has_nvidia_gpu
 class LLMServer:
     """Streams lists of deltas per request.
 
-    The first delta goes out as soon as the engine produces it. While a message is on its way,
-    newer deltas wait in a buffer and leave together in the next message, so Ray's per-message
-    cost does not cap tokens per second under load; nothing waits on a timer.
+    The first delta goes out as soon as the engine produces it. Later deltas wait in a buffer
+    until the consumer takes the next message and, while the replica carries many streams, until
+    `ceil(streams / streams_per_token_batch)` tokens are there: Serve hands each message off at
+    once, so without that every token would be its own Ray message, and messages per second (not
+    the engine) would cap tokens per second under load. Nothing waits on a timer.
     """
 
     async def __init__(self, model: ModelConfig, registry=None, engine_starter=None):
@@ -28,6 +30,7 @@ class LLMServer:
         self._reaper = watch_engine_processes()  # engine processes must not outlive a killed replica
         capacity = model.engine.max_cpu_loras or model.engine.max_loras
         self.adapters = AdapterResidency(self.engine, model.served_name, capacity, registry, _replica_id())
+        self.streams = 0  # requests streaming from this replica now
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple[ServedBy, list[Delta]] | list[Delta]]:
         """The first message is `(ServedBy, deltas)`, every later one a list of deltas."""
@@ -35,9 +38,17 @@ class LLMServer:
         if request.adapter is not None:
             residency = "loaded" if await self.adapters.ensure(request.adapter) else "resident"
         served = ServedBy(self.adapters.replica_id, residency)
-        async for deltas in coalesce(self.engine.generate(request)):
-            yield (served, deltas) if served else deltas
-            served = None
+        self.streams += 1
+        try:
+            async for deltas in coalesce(self.engine.generate(request), self._tokens_per_message):
+                yield (served, deltas) if served else deltas
+                served = None
+        finally:
+            self.streams -= 1
+
+    def _tokens_per_message(self) -> int:
+        per = self.model.streams_per_token_batch
+        return -(-self.streams // per) if per else 1
 
     async def num_running(self) -> int:
         return await self.engine.num_running()
@@ -115,10 +126,20 @@ async def start_engine(model: ModelConfig):
     return await VllmEngine.start(VllmSettings.from_options(path, e))
 
 
-async def coalesce(source: AsyncIterator[list[Delta]]) -> AsyncIterator[list[Delta]]:
-    """Re-yield `source`, merging deltas that arrive while the consumer is busy into one message."""
+async def coalesce(source: AsyncIterator[list[Delta]], min_tokens=lambda: 1) -> AsyncIterator[list[Delta]]:
+    """Re-yield `source`, merging deltas that arrive while the consumer is busy into one message.
+
+    After the first message, a message waits for `min_tokens()` tokens (or the end of the stream)."""
     waiting: list[Delta] = []
     wake = asyncio.Event()
+    first = True
+
+    def ready() -> bool:
+        if not waiting:
+            return False
+        if first or any(d.finish_reason for d in waiting):
+            return True
+        return sum(len(d.token_ids) for d in waiting) >= min_tokens()
 
     async def pump():
         try:
@@ -131,12 +152,14 @@ async def coalesce(source: AsyncIterator[list[Delta]]) -> AsyncIterator[list[Del
     task = asyncio.create_task(pump())
     try:
         while True:
-            if not waiting and not task.done():
+            if not ready() and not task.done():
+                wake.clear()
                 await wake.wait()
-            wake.clear()
+                continue
             if waiting:
                 batch = waiting.copy()
                 waiting.clear()
+                first = False
                 yield merge_deltas(batch)
             elif task.done():
                 task.result()  # re-raise an engine error

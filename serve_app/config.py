@@ -117,6 +117,12 @@ class ModelConfig(Strict):
         default_factory=dict, description="adapters served from the start: name -> path"
     )
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(autoscaling=AutoscalingOptions()))
+    streams_per_token_batch: int = Field(
+        8,
+        ge=0,
+        description="under load, each engine message carries up to ceil(streams on the replica / this) tokens "
+        "(fewer Ray messages; the first token is never held); 0: one message per engine output",
+    )
 
     @model_validator(mode="after")
     def _check(self):
