@@ -118,7 +118,7 @@ class ModelConfig(Strict):
     )
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(autoscaling=AutoscalingOptions()))
     streams_per_token_batch: int = Field(
-        8,
+        4,
         ge=0,
         description="under load, each engine message carries up to ceil(streams on the replica / this) tokens "
         "(fewer Ray messages; the first token is never held); 0: one message per engine output",
