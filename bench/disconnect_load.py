@@ -41,7 +41,7 @@ async def one_client(client: httpx.AsyncClient, url: str, model: str, max_tokens
         "ignore_eos": True,
         "logprobs": True,  # one logprob entry per generated token: the client's own token count
     }
-    chunks, tokens, usage = 0, 0, None
+    tokens, usage = 0, None
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             return f"status {response.status_code}: {(await response.aread())[:200]!r}"
@@ -54,9 +54,8 @@ async def one_client(client: httpx.AsyncClient, url: str, model: str, max_tokens
             if event.get("usage"):
                 usage = event["usage"]
             for choice in event.get("choices") or ():
-                chunks += 1
                 tokens += len((choice.get("logprobs") or {}).get("content") or ())
-            if leave_after is not None and chunks >= leave_after:
+            if leave_after is not None and tokens >= leave_after:
                 return "disconnected"  # leaving the `async with` closes the connection mid-stream
     if usage is None or usage.get("completion_tokens") != tokens or tokens != max_tokens:
         return f"usage {usage}: {tokens} tokens streamed, {max_tokens} asked for with ignore_eos"

@@ -12,13 +12,16 @@ from serve_app.engine_reaper import watch_engine_processes
 from serve_app.engines.protocol import Delta, GenerationRequest, ServedBy
 from serve_app.platform import has_nvidia_gpu
 
+# A client still sees its answer grow every few engine steps, however many streams share a replica.
+MAX_TOKENS_PER_MESSAGE = 16
+
 
 class LLMServer:
     """Streams lists of deltas per request.
 
     The first delta goes out as soon as the engine produces it. Later deltas wait in a buffer
     until the consumer takes the next message and, while the replica carries many streams, until
-    `ceil(streams / streams_per_token_batch)` tokens are there: Serve hands each message off at
+    `ceil(streams / streams_per_token_batch)` tokens (at most 16) are there: Serve hands each message off at
     once, so without that every token would be its own Ray message, and messages per second (not
     the engine) would cap tokens per second under load. Nothing waits on a timer.
     """
@@ -48,7 +51,7 @@ class LLMServer:
 
     def _tokens_per_message(self) -> int:
         per = self.model.streams_per_token_batch
-        return -(-self.streams // per) if per else 1
+        return min(-(-self.streams // per), MAX_TOKENS_PER_MESSAGE) if per else 1
 
     async def num_running(self) -> int:
         return await self.engine.num_running()

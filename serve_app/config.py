@@ -120,7 +120,7 @@ class ModelConfig(Strict):
     streams_per_token_batch: int = Field(
         4,
         ge=0,
-        description="under load, each engine message carries up to ceil(streams on the replica / this) tokens "
+        description="under load, each engine message carries up to ceil(streams on the replica / this) tokens (max 16) "
         "(fewer Ray messages; the first token is never held); 0: one message per engine output",
     )
 
