@@ -326,14 +326,10 @@ class Ingress:
             self.metrics.engine_requests.labels(req.model, served.replica, served.adapter).inc()
         if req.stream:
             return StreamingResponse(self._events(stream, first, builder, req, started), media_type="text/event-stream")
-        for deltas in [first] if first else []:
-            builder.messages += 1
-            for d in deltas:
-                builder.add(d)
+        if first:
+            builder.add_message(first)
         async for deltas in stream:
-            builder.messages += 1
-            for d in deltas:
-                builder.add(d)
+            builder.add_message(deltas)
         self._count(builder, req.model, started)
         echo = (
             render.prompt
@@ -345,9 +341,8 @@ class Ingress:
     async def _events(self, stream, first, builder: ResponseBuilder, req, started: float):
         """SSE: one write per engine message (which may carry several tokens)."""
         try:
-            messages = [first] if first else []
-            for deltas in messages:
-                yield self._chunks(builder, deltas)
+            if first:
+                yield self._chunks(builder, first)
             async for deltas in stream:
                 yield self._chunks(builder, deltas)
             if req.include_usage:
@@ -366,12 +361,8 @@ class Ingress:
 
     @staticmethod
     def _chunks(builder: ResponseBuilder, deltas) -> str:
-        builder.messages += 1
-        parts = []
-        for d in deltas:
-            builder.add(d)
-            parts.append(builder.chunk(d))
-        return "".join(parts)
+        builder.add_message(deltas)
+        return "".join(builder.chunk(d) for d in deltas)
 
     def _count(self, builder: ResponseBuilder, model: str, started: float) -> None:
         usage = builder.usage

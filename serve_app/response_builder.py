@@ -36,6 +36,12 @@ class ResponseBuilder:
         self._role_sent = [False] * n
         self.messages = 0  # engine messages received (the ingress counts them into its metrics)
 
+    def add_message(self, deltas: list[Delta]) -> None:
+        """One engine message: its deltas, one per choice."""
+        self.messages += 1
+        for d in deltas:
+            self.add(d)
+
     def add(self, delta: Delta) -> None:
         choice = self.choices[delta.index]
         choice.text += delta.text
