@@ -240,29 +240,47 @@ def load(system: str, concurrency: int, args, out: Path, loras: list[str] = ()) 
     ]
     if loras:  # each request picks one of these at random
         cmd += ["--lora-modules", *loras]
-    before = stream_counts() if system == "lorafleet" else None
+    before = lorafleet_counts() if system == "lorafleet" else None
     with open(out / name.replace(".json", ".log"), "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     result = json.loads((out / name).read_text())
     if before:
-        after = stream_counts()
-        messages = after["messages"] - before["messages"]
-        result["tokens_per_message"] = (after["tokens"] - before["tokens"]) / messages if messages else None
+        run = {k: v - before[k] for k, v in lorafleet_counts().items()}
+        result["tokens_per_message"] = run["tokens"] / run["messages"] if run["messages"] else None
+        result["ttft_parts_ms"] = ttft_parts(run)
     return result
 
 
-def stream_counts() -> dict[str, float]:
-    """lorafleet's completion tokens and engine messages so far, from its /metrics."""
+_COUNTERS = {
+    "lorafleet_completion_tokens_total": "tokens",
+    "lorafleet_engine_messages_total": "messages",
+    "lorafleet_time_to_first_token_seconds_sum": "ttft",
+    "lorafleet_time_to_first_token_seconds_count": "requests",
+    "lorafleet_render_seconds_sum": "render",
+    "lorafleet_engine_time_to_first_token_seconds_sum": "engine",
+}
+
+
+def lorafleet_counts() -> dict[str, float]:
+    """lorafleet's counters so far (tokens, engine messages, TTFT and its parts), from its /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    names = {"lorafleet_completion_tokens_total": "tokens", "lorafleet_engine_messages_total": "messages"}
-    counts = dict.fromkeys(names.values(), 0.0)
+    counts = dict.fromkeys(_COUNTERS.values(), 0.0)
     text = httpx.get(f"http://127.0.0.1:{PORT}/metrics", timeout=30).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in names:
-                counts[names[sample.name]] += sample.value
+            if sample.name in _COUNTERS:
+                counts[_COUNTERS[sample.name]] += sample.value
     return counts
+
+
+def ttft_parts(run: dict[str, float]) -> dict[str, float] | None:
+    """Mean ms per request of the ingress's TTFT and its parts over one load run (warm-ups included)."""
+    if not run["requests"]:
+        return None
+    parts = {k: 1000 * run[k] / run["requests"] for k in ("ttft", "render", "engine")}
+    parts["hops"] = parts["ttft"] - parts["render"] - parts["engine"]
+    return parts
 
 
 def make_adapters(args) -> tuple[dict[str, Path], list[Path]]:
@@ -341,6 +359,21 @@ def per_message(result: dict) -> str:
     """Tokens per engine message (lorafleet's coalescing); '-' where the system has no such hop."""
     value = result.get("tokens_per_message")
     return f"{value:.2f}" if value else "-"
+
+
+def ttft_table(results: dict) -> str:
+    """lorafleet's time to first token split by its /metrics: where the time goes at each concurrency."""
+    rows = [
+        "lorafleet time to first token, where it goes (means per request from its /metrics, ms; the ingress's "
+        "clock, so HTTP and HAProxy are not in it)",
+        "",
+        "| concurrency | TTFT at the ingress | render call | engine replica (queue, prefill) | hops and the rest |",
+        "|---|---|---|---|---|",
+    ]
+    for (system, c), r in sorted(results.items(), key=lambda kv: kv[0][1]):
+        if system == "lorafleet" and (p := r.get("ttft_parts_ms")):
+            rows.append(f"| {c} | {p['ttft']:.1f} | {p['render']:.1f} | {p['engine']:.1f} | {p['hops']:.1f} |")
+    return "\n".join(rows) if len(rows) > 4 else ""
 
 
 def table(results: dict) -> str:
@@ -438,6 +471,8 @@ def main() -> None:
 
 def write_report(args, results: dict, startup: dict, lora_results: dict, new_adapter_s: dict) -> None:
     report = table(results) + "\n\nstart → first token: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
+    if parts := ttft_table(results):
+        report += "\n\n" + parts
     if lora_results:
         report += "\n\n" + lora_table(results, lora_results, new_adapter_s, args)
     print(report, flush=True)

@@ -307,6 +307,7 @@ class Ingress:
     async def generate(self, kind: str, req, render: RenderRequest, model: ModelConfig, adapter: AdapterRef | None):
         started = time.perf_counter()
         rendered = await self.renderer.render.remote(render)
+        self.metrics.render_call.labels(req.model).observe(time.perf_counter() - started)
         options = req.sampling_options(
             rendered.max_tokens, rendered.stop_token_ids, req.num_logprobs, model.sampling_defaults
         )
@@ -324,6 +325,7 @@ class Ingress:
         self.metrics.ttft.labels(req.model).observe(time.perf_counter() - started)
         if served is not None:
             self.metrics.engine_requests.labels(req.model, served.replica, served.adapter).inc()
+            self.metrics.engine_ttft.labels(req.model).observe(served.first_token_s)
         if req.stream:
             return StreamingResponse(self._events(stream, first, builder, req, started), media_type="text/event-stream")
         if first:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 from serve_app.adapter_residency import AdapterResidency
@@ -37,15 +38,20 @@ class LLMServer:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple[ServedBy, list[Delta]] | list[Delta]]:
         """The first message is `(ServedBy, deltas)`, every later one a list of deltas."""
+        started = time.perf_counter()
         residency = "base"
         if request.adapter is not None:
             residency = "loaded" if await self.adapters.ensure(request.adapter) else "resident"
-        served = ServedBy(self.adapters.replica_id, residency)
+        first = True
         self.streams += 1
         try:
             async for deltas in coalesce(self.engine.generate(request), self._tokens_per_message):
-                yield (served, deltas) if served else deltas
-                served = None
+                if first:
+                    served = ServedBy(self.adapters.replica_id, residency, time.perf_counter() - started)
+                    yield served, deltas
+                    first = False
+                else:
+                    yield deltas
         finally:
             self.streams -= 1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
 
 class Metrics:
@@ -47,6 +48,22 @@ class Metrics:
             "Time to first token",
             ["model"],
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # Where time to first token goes: the render call, then the engine replica's own share
+        # (adapter load, queue, prefill); the rest of the ingress's TTFT is the hops between deployments.
+        self.render_call = Histogram(
+            "lorafleet_render_seconds",
+            "Render call from the ingress (template + tokenize on the renderer, and the hop there and back)",
+            ["model"],
+            buckets=_STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.engine_ttft = Histogram(
+            "lorafleet_engine_time_to_first_token_seconds",
+            "On the engine replica: from taking the request to the first token (adapter load, queue, prefill)",
+            ["model"],
+            buckets=_STEP_BUCKETS,
             registry=self.registry,
         )
         self.latency = Histogram(

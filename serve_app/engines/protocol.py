@@ -64,10 +64,14 @@ class ServedBy:
 
     `adapter` is "base" (no adapter), "resident" (already loaded on that replica) or "loaded"
     (this request waited for it to load there): affinity routing shows as few "loaded".
+    `first_token_s` is the time on the replica from taking the request to the engine's first token
+    (adapter load, engine queue and prefill): the ingress's time to first token minus this and the
+    render call is what the hops between deployments cost.
     """
 
     replica: str
     adapter: str
+    first_token_s: float
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,35 @@ def test_metrics_count_engine_messages_and_the_replica_that_served(client, main_
     assert after[served] - before.get(served, 0) == 1
 
 
+def test_metrics_split_time_to_first_token_into_render_engine_and_hops(client, main_app):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def sums():
+        found = {}
+        for family in text_string_to_metric_families(httpx.get(f"{main_app}/metrics").text):
+            for sample in family.samples:
+                if sample.labels.get("model") == "tiny-chat" and sample.name.endswith(("_sum", "_count")):
+                    found[sample.name] = sample.value
+        return found
+
+    before = sums()
+    for question in ("hello", "Tell me a story.", "who are you?"):
+        client.chat.completions.create(
+            model="tiny-chat", messages=[{"role": "user", "content": question}], max_tokens=2
+        )
+    after = sums()
+
+    def delta(name):
+        return after[name] - before.get(name, 0)
+
+    for part in ("render", "engine_time_to_first_token", "time_to_first_token"):
+        assert delta(f"lorafleet_{part}_seconds_count") == 3
+        assert delta(f"lorafleet_{part}_seconds_sum") > 0
+    # the render call and the engine replica's share both lie inside the ingress's time to first token
+    inside = delta("lorafleet_render_seconds_sum") + delta("lorafleet_engine_time_to_first_token_seconds_sum")
+    assert inside < delta("lorafleet_time_to_first_token_seconds_sum")
+
+
 def test_omitted_sampling_fields_use_the_models_defaults(client):
     # tiny-chat's defaults are greedy, so an OpenAI request without temperature is deterministic
     messages = [{"role": "user", "content": "who are you?"}]
