@@ -3,6 +3,7 @@
 # (vLLM 0.25.1 + Ray 2.60 wheels installed into /tmp/site by /tmp/parts/install.sh).
 #   bash bench/gpu.sh check OUT [tp_check.py flags]   # serve run per TP size: equality, adapters, affinity
 #   bash bench/gpu.sh bench OUT TP [side_by_side.py flags]   # vLLM server vs lorafleet, dummy weights
+#   BENCH_DIR=/tmp/lora bash bench/gpu.sh bench OUT 1 --loras 16 ...   # another comparison beside it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source /tmp/parts/install.sh
@@ -22,10 +23,11 @@ check)  # tp_check.py flags follow, e.g. --tp 4 1
 bench)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
   tp=$1; shift
+  runs=${BENCH_DIR:-/tmp/bench-tp$tp}  # one comparison per folder, kept across calls (--keep)
   python3 bench/side_by_side.py --model-dir $shape --tp "$tp" --load-format dummy --max-model-len 4096 \
-    --input-len 512 --output-len 256 --out /tmp/bench-tp"$tp" --keep "$@" || status=$?
-  cp /tmp/bench-tp"$tp"/{table.md,summary.json,side_by_side.png} "$out"/ || true
-  tail -c 200000 /tmp/bench-tp"$tp"/lorafleet-server.log > "$out"/lorafleet-server.log || true
+    --input-len 512 --output-len 256 --out "$runs" --keep "$@" || status=$?
+  cp "$runs"/{table.md,summary.json,side_by_side.png} "$out"/ || true
+  tail -c 200000 "$runs"/lorafleet-server.log > "$out"/lorafleet-server.log || true
   exit ${status:-0}
   ;;
 esac
