@@ -39,21 +39,19 @@ class LLMServer:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple[ServedBy, list[Delta]] | list[Delta]]:
         """The first message is `(ServedBy, deltas)`, every later one a list of deltas."""
         started = time.perf_counter()
-        residency = "base"
-        if request.adapter is not None:
-            residency = "loaded" if await self.adapters.ensure(request.adapter) else "resident"
-        first = True
-        self.streams += 1
-        try:
-            async for deltas in coalesce(self.engine.generate(request), self._tokens_per_message):
-                if first:
-                    served = ServedBy(self.adapters.replica_id, residency, time.perf_counter() - started)
-                    yield served, deltas
-                    first = False
-                else:
-                    yield deltas
-        finally:
-            self.streams -= 1
+        async with self.adapters.use(request.adapter) as residency:
+            first = True
+            self.streams += 1
+            try:
+                async for deltas in coalesce(self.engine.generate(request), self._tokens_per_message):
+                    if first:
+                        served = ServedBy(self.adapters.replica_id, residency, time.perf_counter() - started)
+                        yield served, deltas
+                        first = False
+                    else:
+                        yield deltas
+            finally:
+                self.streams -= 1
 
     def _tokens_per_message(self) -> int:
         per = self.model.streams_per_token_batch

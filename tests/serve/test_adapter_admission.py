@@ -1,0 +1,115 @@
+"""An adapter that requests are using is never dropped from the engine under them.
+
+One replica with room for one adapter: while a long stream uses adapter "one", a request for
+adapter "two" waits for that stream to end (then "one" leaves the engine and "two" loads), and a
+base request in the meantime does not wait at all. Dropping "one" at once would make vLLM reload
+it from disk at its next step for the stream still running: the test takes its files away once
+the stream has started, so such a reload would fail the stream."""
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from peft import PeftModel
+from ray import serve
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from serve_app.app import build_from_config
+from serve_app.config import AppConfig
+from serve_app.model_types import TINY_CHAT_DIR
+from serve_app.template import get_template
+from tests.adapter_factory import make_adapter
+from tests.serve_fixtures import BASE, STATE
+
+pytestmark = pytest.mark.slow
+URL = f"{BASE}/admission"
+QUERY = "who are you?"
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("admission-adapters")
+    return root, {name: make_adapter(root / name, rank=4, seed=seed) for name, seed in (("one", 7), ("two", 8))}
+
+
+@pytest.fixture(scope="module")
+def app(serve_instance, adapters):
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "tiny-one-slot",
+                    "model_type": "tiny-chat",
+                    "engine": {
+                        "dtype": "float32",
+                        "max_model_len": 1024,
+                        "enable_lora": True,
+                        "max_loras": 1,
+                        "max_lora_rank": 16,
+                    },
+                    "deployment": {"num_replicas": 1},
+                }
+            ],
+            "registry": {"state_dir": f"{STATE}/admission", "allowed_roots": [str(adapters[0])]},
+        }
+    )
+    serve_instance.run(build_from_config(config), name="admission", route_prefix="/admission")
+    for name, path in adapters[1].items():
+        body = {"lora_name": name, "lora_path": str(path)}
+        response = httpx.post(f"{URL}/v1/load_lora_adapter", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+    yield URL
+    serve.delete("admission")
+
+
+def peft_answer(path, max_tokens: int) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT_DIR)
+    ids, _ = get_template("qwen", tokenizer).encode(QUERY)
+    base = AutoModelForCausalLM.from_pretrained(TINY_CHAT_DIR, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(path)).eval()
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos)
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def test_a_second_adapter_waits_for_the_stream_using_the_first(app, adapters):
+    client = openai.OpenAI(base_url=f"{app}/v1", api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": QUERY}]
+    started, done, answers = threading.Event(), {}, {}
+
+    def long_stream():
+        stream = client.chat.completions.create(
+            model="one", messages=messages, max_tokens=800, temperature=0, extra_body={"ignore_eos": True}, stream=True
+        )
+        for _ in stream:
+            started.set()
+        done["one"] = time.monotonic()
+
+    def ask(model: str):
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+        answers[model] = reply.choices[0].message.content
+        done[model] = time.monotonic()
+
+    one = adapters[1]["one"]
+    threads = [threading.Thread(target=long_stream)]
+    threads[0].start()
+    try:
+        assert started.wait(60)
+        one.rename(one.with_name("one-away"))  # in the engine now; a reload from disk would fail
+        threads += [threading.Thread(target=ask, args=(m,)) for m in ("two", "tiny-one-slot")]
+        for t in threads[1:]:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(120)
+    finally:
+        one.with_name("one-away").rename(one)
+
+    assert done["tiny-one-slot"] < done["one"] < done["two"]  # base did not wait; "two" waited for the slot
+    assert answers["two"] == peft_answer(adapters[1]["two"], 12)
+    time.sleep(6)  # a residency heartbeat
+    held = [r["name"] for r in httpx.get(f"{app}/v1/adapters", timeout=30).json()["data"] if r["replicas"]]
+    assert held == ["two"]  # "one" left the engine once its stream ended
