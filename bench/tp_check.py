@@ -8,7 +8,7 @@ For each tensor_parallel_size in --tp: writes serve_config.gpu.yaml with the mod
 replica count swapped in, runs `serve run` on it, then through the openai client (with the config's
 api_key) asks greedy chat completions for a handful of prompts, registers the adapters through the
 admin API (LoRA registry), asks each adapter once (it loads), waits for the replicas to report it,
-then asks with each adapter twice more, and saves the app's /metrics counts of which engine
+then asks with each adapter `--repeats` times (2 by default), and saves the app's /metrics counts of which engine
 replica took which model's requests. Then it compares: greedy output at every TP size equals the
 last one (or --reference, a saved run); each adapter's output differs from the base and from the
 other adapters and repeats exactly. Where outputs part, it shows whether the two tokens were a near
@@ -146,7 +146,8 @@ def ask_all(args, base_url: str) -> dict:
         ask(client, name, PROMPTS[0], 1)  # loads it on one replica
         time.sleep(2)  # the replica reports it; Serve's router learns where it is
         adapters[name] = [
-            {p: ask(client, name, p, args.max_tokens) for p in PROMPTS[: args.adapter_prompts]} for _ in range(2)
+            {p: ask(client, name, p, args.max_tokens) for p in PROMPTS[: args.adapter_prompts]}
+            for _ in range(args.repeats)
         ]
     models = sorted(m.id for m in client.models.list().data)
     return {"models": models, "base": base, "adapters": adapters, "engine_requests": engine_requests(base_url)}
@@ -219,9 +220,9 @@ def compare(runs: list[dict]) -> tuple[list[str], bool]:
                 same = diff is None
                 ok &= same
                 lines.append(f"TP={run['tp']} vs TP={ref['tp']} base {p!r}: {'equal' if same else diff}")
-        for name, (first, second) in run["adapters"].items():
+        for name, (first, *again) in run["adapters"].items():
             for p, answer in first.items():
-                stable = answer["tokens"] == second[p]["tokens"]
+                stable = all(answer["tokens"] == later[p]["tokens"] for later in again)
                 differs = answer["tokens"] != run["base"][p]["tokens"]
                 others = [a for n, a in run["adapters"].items() if n != name]
                 distinct = all(answer["tokens"] != o[0][p]["tokens"] for o in others)
@@ -245,6 +246,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help="LLMServer replicas (each holds TP GPUs)")
     parser.add_argument("--reference", type=Path, help="a saved run-tpN.json to compare against (after --tp's)")
     parser.add_argument("--adapter-prompts", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="asks per adapter and prompt (stable = all equal)")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument(
