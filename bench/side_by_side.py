@@ -241,7 +241,8 @@ def load(system: str, concurrency: int, args, out: Path, loras: list[str] = (), 
     ]
     if loras:  # each request picks one of these at random
         cmd += ["--lora-modules", *loras]
-    before = lorafleet_counts() if system == "lorafleet" else None
+    # /metrics is per ingress replica (HAProxy picks one per scrape): counts only add up with one
+    before = lorafleet_counts() if system == "lorafleet" and args.ingress_replicas == 1 else None
     with open(out / name.replace(".json", ".log"), "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     result = json.loads((out / name).read_text())
