@@ -88,7 +88,7 @@ class AdapterResidency:
     async def _load(self, adapter_id: int) -> None:
         try:
             while len(self.held) + len(self.leaving) >= self.capacity:
-                idle = next((i for i in self.held if not self.in_use[i]), None)
+                idle = next((i for i in self.held if not self.in_use[i] and i not in self.loading), None)
                 if idle is None:  # every held adapter is generating: wait for one to finish
                     self.freed.clear()
                     await self.freed.wait()
@@ -105,6 +105,7 @@ class AdapterResidency:
             await self.report()
         finally:
             self.loading.pop(adapter_id, None)
+            self.freed.set()  # whoever left while it loaded, it may be idle now
 
     async def remove(self, adapter_id: int) -> None:
         """Gone from the registry: out of the engine now, or after its last running request."""
