@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -450,40 +451,50 @@ def main() -> None:
         "ray-serve-llm": lambda: start_ray_serve_llm(args),
         "lorafleet": lambda: start_lorafleet(args, args.out / "state"),
     }
-    results, startup, lora_results, new_adapter_s = earlier_results(args) if args.keep else ({}, {}, {}, {})
+    found = earlier_results(args) if args.keep else Findings()
     args.adapters, args.spare_adapters = make_adapters(args)
     kill_leftovers()
-    runs: dict[tuple[str, int], list[dict]] = {}
     for k in range(args.repeat):
         tag = f"-r{k + 1}" if args.repeat > 1 else ""
         for system in args.systems:
-            run_system(system, starters[system], args, tag, runs, results, startup, lora_results, new_adapter_s)
+            run_system(system, starters[system], args, tag, found)
 
 
-def run_system(system, starter, args, tag, runs, results, startup, lora_results, new_adapter_s) -> None:
+@dataclass
+class Findings:
+    """What one comparison measured (with --keep, also the other systems of earlier calls)."""
+
+    results: dict = field(default_factory=dict)  # (system, concurrency) -> the median run
+    runs: dict = field(default_factory=dict)  # (system, concurrency) -> every run of this call
+    startup: dict = field(default_factory=dict)  # system -> seconds from launch to first token
+    lora_results: dict = field(default_factory=dict)  # system -> the multi-LoRA run
+    new_adapter_s: dict = field(default_factory=dict)  # system -> new adapter -> first token, seconds
+
+
+def run_system(system, starter, args, tag: str, found: Findings) -> None:
     """Start one system, load it at every concurrency, stop it; a row is the median of its runs so far."""
     launched = time.monotonic()
     proc = starter()
     try:
         wait_ready(f"http://127.0.0.1:{PORT}", args.name)
-        startup[system] = time.monotonic() - launched
-        print(f"{system}: first token {startup[system]:.0f} s after launch", flush=True)
+        found.startup[system] = time.monotonic() - launched
+        print(f"{system}: first token {found.startup[system]:.0f} s after launch", flush=True)
         for c in args.concurrency:
             run = load(system, c, args, args.out, tag=tag)
-            runs.setdefault((system, c), []).append(run)
-            results[(system, c)] = median_run(runs[(system, c)])
+            found.runs.setdefault((system, c), []).append(run)
+            found.results[(system, c)] = median_run(found.runs[(system, c)])
             print(f"{system} c={c}{tag}: {run['output_throughput']:.0f} tok/s", flush=True)
         if args.adapters and system != "ray-serve-llm":  # it loads adapters from cloud storage only
             c = args.lora_concurrency
-            lora_results[system] = load(system, c, args, args.out, loras=list(args.adapters), tag=tag)
+            found.lora_results[system] = load(system, c, args, args.out, loras=list(args.adapters), tag=tag)
             print(
-                f"{system} c={c} {len(args.adapters)} adapters: {lora_results[system]['output_throughput']:.0f} tok/s"
+                f"{system} c={c} {len(args.adapters)} adapters: {found.lora_results[system]['output_throughput']:.0f} tok/s"
             )
-            new_adapter_s[system] = new_adapter_latency(args.spare_adapters)
-            print(f"{system}: new adapter -> first token p50 {statistics.median(new_adapter_s[system]):.3f} s")
+            found.new_adapter_s[system] = new_adapter_latency(args.spare_adapters)
+            print(f"{system}: new adapter -> first token p50 {statistics.median(found.new_adapter_s[system]):.3f} s")
     finally:
         stop(proc)
-    write_report(args, results, startup, lora_results, new_adapter_s)  # each system's part lands as it ends
+    write_report(args, found)  # each system's part lands as it ends
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -493,7 +504,13 @@ def median_run(runs: list[dict]) -> dict:
     return ordered[(len(ordered) - 1) // 2] | {"throughputs": [r["output_throughput"] for r in runs]}
 
 
-def write_report(args, results: dict, startup: dict, lora_results: dict, new_adapter_s: dict) -> None:
+def write_report(args, found: Findings) -> None:
+    results, startup, lora_results, new_adapter_s = (
+        found.results,
+        found.startup,
+        found.lora_results,
+        found.new_adapter_s,
+    )
     report = table(results) + "\n\nstart → first token: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
     if parts := ttft_table(results):
         report += "\n\n" + parts
@@ -509,11 +526,11 @@ def write_report(args, results: dict, startup: dict, lora_results: dict, new_ada
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
-def earlier_results(args) -> tuple[dict, dict, dict, dict]:
+def earlier_results(args) -> Findings:
     """What --out/summary.json holds for the systems this call does not run (a run split over calls)."""
     path = args.out / "summary.json"
     if not path.exists():
-        return {}, {}, {}, {}
+        return Findings()
     summary = json.loads(path.read_text())
     other = [s for s in summary.get("startup_s", {}) if s not in args.systems]
     results = {(r["system"], r["concurrency"]): r for r in summary.get("runs", []) if r["system"] in other}
@@ -521,7 +538,7 @@ def earlier_results(args) -> tuple[dict, dict, dict, dict]:
     def pick(key: str) -> dict:
         return {k: v for k, v in summary.get(key, {}).items() if k in other}
 
-    return results, pick("startup_s"), pick("lora_runs"), pick("new_adapter_to_first_token_s")
+    return Findings(results, {}, pick("startup_s"), pick("lora_runs"), pick("new_adapter_to_first_token_s"))
 
 
 if __name__ == "__main__":

@@ -40,14 +40,13 @@ class LLMServer:
         """The first message is `(ServedBy, deltas)`, every later one a list of deltas."""
         started = time.perf_counter()
         async with self.adapters.use(request.adapter) as residency:
-            first = True
             self.streams += 1
             try:
+                served = None
                 async for deltas in coalesce(self.engine.generate(request), self._tokens_per_message):
-                    if first:
+                    if served is None:
                         served = ServedBy(self.adapters.replica_id, residency, time.perf_counter() - started)
                         yield served, deltas
-                        first = False
                     else:
                         yield deltas
             finally:

@@ -99,8 +99,7 @@ class AdapterResidency:
             try:
                 await self.engine.add_adapter(self.refs[adapter_id])
             except BaseException:
-                del self.held[adapter_id]
-                self.freed.set()
+                del self.held[adapter_id]  # (the finally below wakes whoever waits for room)
                 raise
             await self.report()
         finally:

@@ -43,36 +43,24 @@ class Metrics:
         self.completion_tokens = Counter(
             "lorafleet_completion_tokens", "Generated tokens by model", ["model"], registry=self.registry
         )
-        self.ttft = Histogram(
-            "lorafleet_time_to_first_token_seconds",
-            "Time to first token",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.ttft = self._seconds("lorafleet_time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS)
         # Where time to first token goes: the render call, then the engine replica's own share
         # (adapter load, queue, prefill); the rest of the ingress's TTFT is the hops between deployments.
-        self.render_call = Histogram(
+        self.render_call = self._seconds(
             "lorafleet_render_seconds",
             "Render call from the ingress (template + tokenize on the renderer, and the hop there and back)",
-            ["model"],
-            buckets=_STEP_BUCKETS,
-            registry=self.registry,
+            _STEP_BUCKETS,
         )
-        self.engine_ttft = Histogram(
+        self.engine_ttft = self._seconds(
             "lorafleet_engine_time_to_first_token_seconds",
             "On the engine replica: from taking the request to the first token (adapter load, queue, prefill)",
-            ["model"],
-            buckets=_STEP_BUCKETS,
-            registry=self.registry,
+            _STEP_BUCKETS,
         )
-        self.latency = Histogram(
-            "lorafleet_request_latency_seconds",
-            "Whole request latency",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.latency = self._seconds("lorafleet_request_latency_seconds", "Whole request latency", _LATENCY_BUCKETS)
+
+    def _seconds(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        """A duration histogram by model."""
+        return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry)
 
     def finished(self, model: str, route: str, status: int, error_type: str | None = None) -> None:
         self.requests.labels(model, route, str(status)).inc()
