@@ -1,10 +1,11 @@
 """An adapter that requests are using is never dropped from the engine under them.
 
-One replica with room for one adapter: while a long stream uses adapter "one", a request for
-adapter "two" waits for that stream to end (then "one" leaves the engine and "two" loads), and a
-base request in the meantime does not wait at all. Dropping "one" at once would make vLLM reload
-it from disk at its next step for the stream still running: the test takes its files away once
-the stream has started, so such a reload would fail the stream."""
+One replica with room for one adapter: while a long stream uses adapter "one", requests for
+adapters "two" (one request) and "three" (two, sent later) wait for that stream to end, and a base
+request in the meantime does not wait at all. Dropping "one" at once would make vLLM reload it from
+disk at its next step for the stream still running: the test takes its files away once the stream
+has started, so such a reload would fail the stream. When the slot frees, "three" takes it first:
+it has more requests waiting (vLLM's own scheduler serves the oldest waiting request's adapter)."""
 
 import threading
 import time
@@ -32,7 +33,9 @@ QUERY = "who are you?"
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("admission-adapters")
-    return root, {name: make_adapter(root / name, rank=4, seed=seed) for name, seed in (("one", 7), ("two", 8))}
+    return root, {
+        name: make_adapter(root / name, rank=4, seed=seed) for name, seed in (("one", 7), ("two", 8), ("three", 9))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -75,23 +78,23 @@ def peft_answer(path, max_tokens: int) -> str:
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
-def test_a_second_adapter_waits_for_the_stream_using_the_first(app, adapters):
+def test_waiting_adapters_take_the_slot_after_the_stream_most_requests_first(app, adapters):
     client = openai.OpenAI(base_url=f"{app}/v1", api_key="x", max_retries=0)
     messages = [{"role": "user", "content": QUERY}]
     started, done, answers = threading.Event(), {}, {}
 
     def long_stream():
         stream = client.chat.completions.create(
-            model="one", messages=messages, max_tokens=800, temperature=0, extra_body={"ignore_eos": True}, stream=True
+            model="one", messages=messages, max_tokens=960, temperature=0, extra_body={"ignore_eos": True}, stream=True
         )
         for _ in stream:
             started.set()
         done["one"] = time.monotonic()
 
-    def ask(model: str):
+    def ask(model: str, key: str):
         reply = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
-        answers[model] = reply.choices[0].message.content
-        done[model] = time.monotonic()
+        answers[key] = reply.choices[0].message.content
+        done[key] = time.monotonic()
 
     one = adapters[1]["one"]
     threads = [threading.Thread(target=long_stream)]
@@ -99,17 +102,20 @@ def test_a_second_adapter_waits_for_the_stream_using_the_first(app, adapters):
     try:
         assert started.wait(60)
         one.rename(one.with_name("one-away"))  # in the engine now; a reload from disk would fail
-        threads += [threading.Thread(target=ask, args=(m,)) for m in ("two", "tiny-one-slot")]
+        asks = [("two", "two"), ("three", "three"), ("three", "three again"), ("tiny-one-slot", "base")]
+        threads += [threading.Thread(target=ask, args=ask_args) for ask_args in asks]
         for t in threads[1:]:
             t.start()
-            time.sleep(0.05)
+            time.sleep(0.15)  # "two" waits first
         for t in threads:
             t.join(120)
     finally:
         one.with_name("one-away").rename(one)
 
-    assert done["tiny-one-slot"] < done["one"] < done["two"]  # base did not wait; "two" waited for the slot
+    assert done["base"] < done["one"]  # base did not wait
+    assert done["one"] < max(done["three"], done["three again"]) < done["two"]  # most waiting requests first
     assert answers["two"] == peft_answer(adapters[1]["two"], 12)
+    assert answers["three"] == answers["three again"] == peft_answer(adapters[1]["three"], 12)
     time.sleep(6)  # a residency heartbeat
     held = [r["name"] for r in httpx.get(f"{app}/v1/adapters", timeout=30).json()["data"] if r["replicas"]]
-    assert held == ["two"]  # "one" left the engine once its stream ended
+    assert held == ["two"]  # "one" left the engine once its stream ended, then "three"
