@@ -223,7 +223,7 @@ def load(system: str, concurrency: int, args, out: Path, loras: list[str] = (), 
         str(args.output_len),
         "--ignore-eos",
         "--num-prompts",
-        str(max(concurrency * args.rounds, 16)),
+        str(max(concurrency * args.rounds, args.min_requests)),
         "--max-concurrency",
         str(concurrency),
         "--num-warmups",
@@ -405,6 +405,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4, help="requests per concurrency slot")
+    parser.add_argument(
+        "--min-requests", type=int, default=16, help="at least this many per concurrency (a p99 of 16 is their max)"
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="run every system N times in turn; rows are medians, each run listed"
     )

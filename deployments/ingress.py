@@ -31,6 +31,7 @@ from serve_app.errors import (
 )
 from serve_app.metrics import Metrics
 from serve_app.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serve_app.platform import freeze_startup_heap
 from serve_app.response_builder import ResponseBuilder
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Ingress:
         self.created = int(time.time())
         self.adapter_state = await registry.state.remote()
         self._follower = asyncio.create_task(self._follow_registry())
+        freeze_startup_heap()
 
     async def _follow_registry(self) -> None:
         """Keep a local copy of the registry: resolving a name then costs no actor call."""

@@ -11,7 +11,7 @@ from serve_app.adapter_residency import AdapterResidency
 from serve_app.config import ModelConfig
 from serve_app.engine_reaper import watch_engine_processes
 from serve_app.engines.protocol import Delta, GenerationRequest, ServedBy
-from serve_app.platform import has_nvidia_gpu
+from serve_app.platform import freeze_startup_heap, has_nvidia_gpu
 
 # A client still sees its answer grow every few engine steps, however many streams share a replica.
 MAX_TOKENS_PER_MESSAGE = 16
@@ -35,6 +35,7 @@ class LLMServer:
         capacity = model.engine.max_cpu_loras or model.engine.max_loras
         self.adapters = AdapterResidency(self.engine, model.served_name, capacity, registry, _replica_id())
         self.streams = 0  # requests streaming from this replica now
+        freeze_startup_heap()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple[ServedBy, list[Delta]] | list[Delta]]:
         """The first message is `(ServedBy, deltas)`, every later one a list of deltas."""

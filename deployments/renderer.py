@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from serve_app.config import ModelConfig
 from serve_app.errors import InvalidRequestError, PromptTooLongError
+from serve_app.platform import freeze_startup_heap
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Renderer:
 
     def __init__(self, models: list[ModelConfig]):
         self._models = {m.served_name: _ModelTemplate.load(m) for m in models}
+        freeze_startup_heap()
 
     async def render(self, request: RenderRequest) -> RenderedPrompt:
         return self._models[request.model].render(request)

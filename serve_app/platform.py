@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 
@@ -19,6 +20,18 @@ def apply_serve_env() -> None:
     """Set SERVE_ENV in this process (values the user set win); call before Ray starts."""
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def freeze_startup_heap() -> None:
+    """Keep what a replica built at start out of the garbage collector's full collections.
+
+    A full (oldest-generation) collection walks every tracked object. An engine replica holds ~690k
+    of them after start (torch, vLLM, Ray, transformers): one full collection took 270-300 ms on the
+    2-core CPU, the ingress's 160 ms and the renderer's 190 ms, and each of them ran one within the
+    first seconds of a benchmark, stalling every stream on that process. Frozen objects are skipped.
+    vLLM's own server does the same after its start."""
+    gc.collect()
+    gc.freeze()
 
 
 def has_nvidia_gpu() -> bool:
