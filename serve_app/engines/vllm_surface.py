@@ -18,6 +18,7 @@ IMPORTS = {
     "vllm.inputs": ["TokensPrompt"],
     "vllm.lora.request": ["LoRARequest"],
     "vllm.sampling_params": ["RequestOutputKind"],
+    "vllm.usage.usage_lib": ["UsageContext"],
 }
 ASYNC_LLM_METHODS = [
     "from_engine_args",
@@ -92,6 +93,10 @@ def problems() -> list[str]:
         missing += [f"AsyncEngineArgs({f}=...)" for f in ENGINE_ARGS if f not in fields]
     if (kind := found.get("RequestOutputKind")) and not hasattr(kind, "DELTA"):
         missing.append("RequestOutputKind.DELTA")
+    if (usage := found.get("UsageContext")) and not hasattr(usage, "OPENAI_API_SERVER"):
+        missing.append("UsageContext.OPENAI_API_SERVER")
+    if (llm := found.get("AsyncLLM")) and "usage_context" not in inspect.signature(llm.from_engine_args).parameters:
+        missing.append("AsyncLLM.from_engine_args(usage_context=...)")
     if lr := found.get("LoRARequest"):
         names = list(_fields(lr))[:3]
         if names != ["lora_name", "lora_int_id", "lora_path"]:
