@@ -112,7 +112,7 @@ class AdapterResidency:
         try:
             while True:
                 full = len(self.held) + len(self.leaving) >= self.capacity
-                idle = next((i for i in self.held if not self.in_use[i] and i not in self.loading), None)
+                idle = self._least_recently_used_idle() if full else None
                 if not full or (idle is not None and self.next_in_line() == adapter_id):
                     break
                 self.freed.clear()
@@ -126,6 +126,9 @@ class AdapterResidency:
         if full:
             del self.held[idle]
             await self._remove_from_engine(idle)
+
+    def _least_recently_used_idle(self) -> int | None:
+        return next((i for i in self.held if not self.in_use[i] and i not in self.loading), None)
 
     def next_in_line(self) -> int | None:
         """The waiting adapter that takes the next free slot: one passed over too often, else the one
