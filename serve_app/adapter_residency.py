@@ -98,7 +98,7 @@ class AdapterResidency:
             try:
                 await self.engine.add_adapter(self.refs[adapter_id])
             except BaseException:
-                del self.held[adapter_id]  # (the finally below wakes whoever waits for room)
+                self.held.pop(adapter_id, None)  # (unless the registry dropped it meanwhile; the finally wakes waiters)
                 raise
             await self.report()
         finally:
