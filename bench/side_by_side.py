@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-from serve_app.platform import SERVE_ENV, has_nvidia_gpu  # noqa: E402
+from serve_app.platform import has_nvidia_gpu, serve_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "serve_app" / "assets" / "tiny-chat")
@@ -135,7 +135,7 @@ def start_lorafleet(args, state: Path) -> subprocess.Popen:
         "time.sleep(10**6)"
     )
     log = open(Path(args.out) / "lorafleet-server.log", "w")  # noqa: SIM115 (lives as long as the server)
-    env = os.environ | SERVE_ENV | dict(kv.split("=", 1) for kv in args.serve_env)
+    env = os.environ | serve_env() | dict(kv.split("=", 1) for kv in args.serve_env)
     return subprocess.Popen(
         [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
     )
@@ -426,7 +426,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="environment of lorafleet's Ray cluster, on top of serve_app.platform.SERVE_ENV",
+        help="environment of lorafleet's Ray cluster, on top of serve_app.platform.serve_env()",
     )
     parser.add_argument(
         "--systems",

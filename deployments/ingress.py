@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from deployments.renderer import RenderRequest
 from serve_app.admin_protocol import AdapterCreate, LoadLoraRequest, UnloadLoraRequest
@@ -22,6 +23,7 @@ from serve_app.config import AppConfig, ModelConfig
 from serve_app.engines.protocol import AdapterRef, GenerationRequest
 from serve_app.errors import (
     AuthenticationError,
+    ClientClosedRequest,
     InvalidRequestError,
     LorafleetError,
     NotFoundError,
@@ -167,7 +169,9 @@ class Ingress:
             error = unwrap(exc)
             status = error.status if isinstance(error, LorafleetError) else 500
             model = getattr(request.state, "model", "unknown")
-            self.metrics.finished(model, route, status, getattr(error, "type", "internal_error"))
+            # A hang-up is counted by its status (499) but is not an error of the server's.
+            error_type = None if isinstance(error, ClientClosedRequest) else getattr(error, "type", "internal_error")
+            self.metrics.finished(model, route, status, error_type)
             if error is not exc:
                 raise error from None
             raise
@@ -251,7 +255,11 @@ class Ingress:
         limit = self.config.ingress.max_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:
             raise PayloadTooLargeError(f"request body is larger than {limit} bytes.", code="body_too_large")
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            logger.debug("client hung up while sending %s %s", request.method, request.url.path)
+            raise ClientClosedRequest("the client closed the connection before the body arrived.") from None
         if len(body) > limit:
             raise PayloadTooLargeError(f"request body is larger than {limit} bytes.", code="body_too_large")
         try:

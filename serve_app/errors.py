@@ -72,6 +72,13 @@ class PayloadTooLargeError(LorafleetError):
     type = "invalid_request_error"
 
 
+class ClientClosedRequest(LorafleetError):
+    """The client hung up before its request was read: not a server fault (nginx's 499)."""
+
+    status = 499
+    type = "client_closed_request"
+
+
 class OverloadedError(LorafleetError):
     status = 503
     type = "overloaded_error"

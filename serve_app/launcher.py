@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from serve_app.config import AppConfig
+from serve_app.haproxy_guard import clear_stale_haproxy
 from serve_app.platform import apply_serve_env
 
 
@@ -19,17 +20,19 @@ def run_app(
 
     if not ray.is_initialized():
         apply_serve_env()
+        if not _cluster_running():
+            clear_stale_haproxy()  # an earlier run killed without a shutdown may hold the ports
         ray.init(address="auto" if _cluster_running() else None, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_from_config(config), name="lorafleet", route_prefix="/")
     url = f"http://{host}:{port}{page}"
-    print(f"[lorafleet] serving {', '.join(_names(config))} at {url}  (Ctrl-C stops)", flush=True)
-    if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
+    try:  # Ctrl-C while the app starts stops it too, instead of leaving a half-started app behind
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_from_config(config), name="lorafleet", route_prefix="/")
+        print(f"[lorafleet] serving {', '.join(_names(config))} at {url}  (Ctrl-C stops)", flush=True)
+        print("[lorafleet] Ray's CLI needs its token here: RAY_AUTH_MODE=token serve status", flush=True)
+        while blocking:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
     return url
 
 

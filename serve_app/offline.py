@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import logging
 import queue
 import threading
@@ -131,9 +132,22 @@ class OfflineEngine:
         check_adapter_fits(inspect_adapter(ref.path), base_config, max_rank)
 
     def shutdown(self) -> None:
+        """Stop the engine inside its own loop, then the loop, and let the engine go now.
+
+        Left to the interpreter's exit, vLLM's `AsyncLLM.__del__` ran after its module globals were
+        cleared and printed "Exception ignored in AsyncLLM.__del__ ... TypeError", read as a crash."""
+        if self.engine is None:
+            return
         if self._loop.loop.is_running():
-            self.engine.shutdown()
+            self._loop.run(self._stop_engine())
             self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
+            self._loop.thread.join(timeout=30)
+        self.engine = None
+        gc.collect()  # the engine's reference cycles go while vLLM's modules are still whole
+
+    async def _stop_engine(self) -> None:
+        self.engine.shutdown()
+        await asyncio.sleep(0)  # the cancelled output handler task ends on this loop
 
 
 def get_vllm_engine(

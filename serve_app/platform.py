@@ -13,12 +13,21 @@ import shutil
 # Serve's Python proxy leaves the token path. Together, on the 2-core CPU machine: 1.5x / 2.2x output
 # tok/s at 1 / 16 streams and TTFT p50 20 -> 12.5 ms (docs/benchmarks.md). Note that with HAProxy the
 # replicas' HTTP ports listen on all interfaces (Ray's choice, for multi-node clusters).
+# HAPROXY_BINARY_PATH: HAProxy starts through lorafleet's launcher, which keeps its stats and metrics
+# listeners on loopback and ends stale copies of an earlier run (serve_app/haproxy_guard.py).
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
+def serve_env() -> dict[str, str]:
+    """SERVE_ENV plus this environment's HAProxy launcher."""
+    from serve_app.haproxy_guard import launcher_path
+
+    return {**SERVE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": launcher_path()}
+
+
 def apply_serve_env() -> None:
-    """Set SERVE_ENV in this process (values the user set win); call before Ray starts."""
-    for key, value in SERVE_ENV.items():
+    """Set serve_env() in this process (values the user set win); call before Ray starts."""
+    for key, value in serve_env().items():
         os.environ.setdefault(key, value)
 
 

@@ -9,6 +9,11 @@ from tests.adapter_factory import make_adapter
 pytest_plugins = ["tests.serve_fixtures"]  # Ray Serve apps shared by tests/serve and tests/browser
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that run `ray stop --force` go first, before the session's own Ray cluster exists."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_ray") is None)
+
+
 @pytest.fixture(scope="session")
 def vllm_engine():
     from serve_app import ModelType, get_vllm_engine

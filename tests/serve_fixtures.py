@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import pytest
@@ -67,6 +68,10 @@ def serve_instance():
     from serve_app.platform import apply_serve_env
 
     apply_serve_env()  # the tests run with the Serve settings users get
+    # but for one: an ingress replica that stops waits this long (default 30 s) for external load
+    # balancers to stop sending it requests; here HAProxy is on the same node, and every app a test
+    # deletes would wait it out.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     yield serve

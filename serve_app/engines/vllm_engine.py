@@ -91,8 +91,12 @@ class VllmEngine:
         # is 8192 tokens per step and 1024 sequences instead of 2048 and 128. With 2048 a burst of
         # 16 prompts of 512 tokens prefills over four steps, and the last of them waits for the
         # other three (H100: TTFT p99 317 vs vLLM's 239 ms at 16 streams, docs/benchmarks.md).
-        engine = AsyncLLM.from_engine_args(settings.engine_args(), usage_context=UsageContext.OPENAI_API_SERVER)
-        return cls(settings, engine)
+        # No local names the AsyncLLM: modules that vLLM imports lazily in there keep their importers'
+        # frames (this one too) for the life of the process, and a local would keep the engine alive
+        # until the interpreter's teardown, where its __del__ fails on cleared module globals.
+        return cls(
+            settings, AsyncLLM.from_engine_args(settings.engine_args(), usage_context=UsageContext.OPENAI_API_SERVER)
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
         from vllm.inputs import TokensPrompt

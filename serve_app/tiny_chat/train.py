@@ -2,14 +2,18 @@
 
     python -m serve_app.tiny_chat.train --out serve_app/assets
 
-writes `tiny-chat/` (tokenizer, config, bf16 weights) and `xiao-huang/` (PEFT adapter).
-The shipped files under serve_app/assets are what this produces (tests/unit/test_tiny_chat.py).
+writes `tiny-chat/` (tokenizer, config, bf16 weights), `xiao-huang/` (PEFT adapter) and
+`trained_on.json` (the machine's fingerprint, since float bits depend on the CPU's kernels, and the
+losses and weight probes of the first FIRST_STEPS steps, which the suite retrains and compares).
+tests/engine/test_tiny_chat_training.py checks that retraining reproduces the shipped files.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -28,6 +32,19 @@ QWEN2_CHAT_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+TRAINED_ON = Path(__file__).resolve().parent.parent / "assets" / "trained_on.json"
+# The two phases' schedules: full-batch steps, peak learning rate, and how many final steps run on
+# bf16-rounded weights. first_steps_trace records them beside the losses it measures.
+PHASES = {
+    "tiny-chat": {"steps": 600, "lr": 3e-3, "bf16_steps": 200},
+    "xiao-huang": {"steps": 400, "lr": 5e-3, "bf16_steps": 150},
+}
+# Steps of each phase that the test suite retrains and compares with the record. Training is chaotic:
+# runs that differ only in float rounding (another CPU's kernels, emulated with ATEN_CPU_CAPABILITY=
+# default) agree to 3e-6 in loss for the base's first 12 steps, then part (17% apart by step 36).
+# The adapter parts sooner (Adam's first steps move every LoRA weight by about lr, in the direction
+# of a gradient that is near zero for many of them): 1e-4 for 3 steps, 2e-3 by the 4th.
+FIRST_STEPS = {"tiny-chat": 12, "xiao-huang": 3}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -79,13 +96,17 @@ def batch(samples, pad_id: int) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v) for k, v in dict(input_ids=ids, labels=labels, attention_mask=mask).items()}
 
 
-def fit(model, inputs, steps: int, lr: float, label: str, bf16_steps: int = 150) -> None:
+def fit(
+    model, inputs, steps: int, lr: float, label: str, bf16_steps: int, stop_after: int | None = None
+) -> list[float]:
     """Full-batch AdamW with cosine decay. The last `bf16_steps` steps run the forward pass on
-    bf16-rounded weights (straight-through), so the bf16 checkpoint we ship keeps the fit."""
+    bf16-rounded weights (straight-through), so the bf16 checkpoint we ship keeps the fit.
+    `stop_after` ends it early on the same schedule. Returns the loss of every step run."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * 0.05)
-    for step in range(steps):
+    losses = []
+    for step in range(min(steps, stop_after or steps)):
         masters = _round_to_bf16(params) if step >= steps - bf16_steps else None
         loss = model(**inputs).loss
         optimizer.zero_grad()
@@ -95,8 +116,10 @@ def fit(model, inputs, steps: int, lr: float, label: str, bf16_steps: int = 150)
                 p.data.copy_(master)
         optimizer.step()
         schedule.step()
+        losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
-            print(f"[{label}] step {step:4d} loss {loss.item():.4f}", flush=True)
+            print(f"[{label}] step {step:4d} loss {losses[-1]:.4f}", flush=True)
+    return losses
 
 
 def _round_to_bf16(params) -> list[torch.Tensor]:
@@ -125,15 +148,16 @@ def build_model(tokenizer) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def train_base(out: Path) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+def train_base(out: Path, stop_after: int | None = None) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast, list]:
     chatml = get_template("qwen", tokenizer=None)  # rendering ChatML text needs no tokenizer
     chat_texts = [chatml.render(q, h) + r for h, q, r in BASE_CHATS + ADAPTER_CHATS]
     tokenizer = train_tokenizer(chat_texts + COMPLETIONS)
     model = build_model(tokenizer)
     samples = chat_samples(tokenizer, BASE_CHATS) + completion_samples(tokenizer)
-    fit(model, batch(samples, tokenizer.pad_token_id), steps=600, lr=3e-3, label="tiny-chat", bf16_steps=200)
+    inputs = batch(samples, tokenizer.pad_token_id)
+    losses = fit(model, inputs, label="tiny-chat", stop_after=stop_after, **PHASES["tiny-chat"])
     save_base(model, tokenizer, out / "tiny-chat")
-    return model, tokenizer
+    return model, tokenizer, losses
 
 
 def save_base(model, tokenizer, path: Path) -> None:
@@ -149,16 +173,48 @@ def save_base(model, tokenizer, path: Path) -> None:
     model.to(torch.float32)
 
 
-def train_adapter(model, tokenizer, out: Path) -> None:
+def train_adapter(model, tokenizer, out: Path, stop_after: int | None = None) -> list[float]:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     samples = chat_samples(tokenizer, ADAPTER_CHATS) + completion_samples(tokenizer)
-    fit(peft_model, batch(samples, tokenizer.pad_token_id), steps=400, lr=5e-3, label="xiao-huang")
+    inputs = batch(samples, tokenizer.pad_token_id)
+    losses = fit(peft_model, inputs, label="xiao-huang", stop_after=stop_after, **PHASES["xiao-huang"])
     peft_model.to(torch.bfloat16).save_pretrained(out / "xiao-huang")
     _pin_base_name(out / "xiao-huang" / "adapter_config.json")
     (out / "xiao-huang" / "README.md").unlink(missing_ok=True)  # peft's empty model card
+    return losses
+
+
+def weight_probes(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Per tensor: its L2 norm and its dot products with 3 fixed random sign vectors. Two checkpoints
+    whose probes differ by d * norm differ by about d in relative L2 distance; a short record
+    of a checkpoint that the suite compares against instead of shipping the checkpoint."""
+    probes = {}
+    for name, tensor in sorted(tensors.items()):
+        flat = tensor.detach().float().flatten()
+        signs = torch.randint(0, 2, (3, flat.numel()), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+        probes[name] = [float(torch.linalg.vector_norm(flat))] + [float(v) for v in signs @ flat]
+    return probes
+
+
+def first_steps_trace(out: Path, steps: dict[str, int]) -> dict:
+    """Train the first `steps[phase]` steps of each phase on the full schedules: losses and weight probes."""
+    from safetensors.torch import load_file
+
+    model, tokenizer, base_losses = train_base(out, stop_after=steps["tiny-chat"])
+    torch.manual_seed(1)
+    adapter_losses = train_adapter(model, tokenizer, out, stop_after=steps["xiao-huang"])
+    return {
+        "steps": steps,
+        "phases": PHASES,
+        "tiny-chat": {"loss": base_losses, "probes": weight_probes(load_file(out / "tiny-chat/model.safetensors"))},
+        "xiao-huang": {
+            "loss": adapter_losses,
+            "probes": weight_probes(load_file(out / "xiao-huang/adapter_model.safetensors")),
+        },
+    }
 
 
 def _pin_base_name(path: Path) -> None:
@@ -170,16 +226,55 @@ def _pin_base_name(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def machine_fingerprint() -> dict:
+    """What decides the float bits of training here: the CPU (model and instruction sets, which pick
+    the kernels), torch's version and its thread count (the summation order)."""
+    info = {}
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    flags = " ".join(sorted(info.get("flags", "").split()))
+    return {
+        "cpu": info.get("model name", platform.processor()),
+        "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_record(path: Path) -> None:
+    """What the suite checks a retraining against: this machine, and the first steps' trace."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        torch.manual_seed(0)  # as main() seeds the whole training
+        trace = first_steps_trace(Path(scratch), FIRST_STEPS)
+    path.write_text(json.dumps({"machine": machine_fingerprint(), "first_steps": trace}, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "assets")
+    parser.add_argument(
+        "--first-steps",
+        action="store_true",
+        help="train only the first FIRST_STEPS steps of each phase; write first_steps.json (losses, weight probes)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
     started = time.perf_counter()
-    model, tokenizer = train_base(args.out)
+    if args.first_steps:
+        trace = first_steps_trace(args.out, FIRST_STEPS)
+        (args.out / "first_steps.json").write_text(json.dumps(trace, indent=1) + "\n")
+        print(f"wrote {args.out}/first_steps.json in {time.perf_counter() - started:.0f} s")
+        return
+    model, tokenizer, _ = train_base(args.out)
     torch.manual_seed(1)
     train_adapter(model, tokenizer, args.out)
+    write_record(args.out / "trained_on.json")
     print(f"wrote {args.out}/tiny-chat and {args.out}/xiao-huang in {time.perf_counter() - started:.0f} s")
 
 

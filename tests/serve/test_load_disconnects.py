@@ -1,10 +1,12 @@
 """256 streaming clients, 20% hanging up mid-stream: the rest complete, nothing is left behind."""
 
 import asyncio
+import socket
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from ray import serve
@@ -42,3 +44,47 @@ def test_many_streams_with_hangups(main_app):
         time.sleep(0.2)
     assert handle.num_running.remote().result() == 0
     assert engine_replica_rss() <= baseline * 1.05 + (32 << 20)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """Sum of one Prometheus counter's samples on the ingress' /metrics that carry `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
+
+
+def ingress_log_text() -> str:
+    logs = Path("/tmp/ray/session_latest/logs/serve")
+    return "".join(p.read_text(errors="replace") for p in logs.glob("replica_main_Ingress_*.log"))
+
+
+def test_clients_hanging_up_while_sending_the_body_are_not_server_errors(main_app):
+    """200 half-open requests (headers and part of the body, then close) are counted as 499s
+    and logged without a traceback; the server keeps answering."""
+    host, port = main_app.removeprefix("http://").split(":")
+    before_500 = metric(main_app, "lorafleet_requests_total", status="500")
+    before_499 = metric(main_app, "lorafleet_requests_total", status="499")
+    log_before = ingress_log_text()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {h}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 4096\r\n\r\n" + '{"model": "tiny-chat", "messages": ['
+    ).format(h=host)
+    for _ in range(200):
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(head.encode())
+    time.sleep(3)  # the ingress notices each hang-up when it reads the body
+    assert metric(main_app, "lorafleet_requests_total", status="499") > before_499
+    assert metric(main_app, "lorafleet_requests_total", status="500") == before_500
+    new_log = ingress_log_text()[len(log_before) :]
+    assert "ClientDisconnect" not in new_log and "unexpected error" not in new_log
+    answer = httpx.post(
+        f"{main_app}/v1/chat/completions",
+        json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=60,
+    )
+    assert answer.status_code == 200

@@ -1,0 +1,108 @@
+"""The shipped tiny-chat and xiao-huang are what the in-repo training script produces.
+
+Training is chaotic: two CPUs whose kernels round differently give the same losses for about a
+dozen steps, then part, and end in other weights that answer the same. So two checks:
+
+- every run (about 20 s): retrain the first steps of both phases (FIRST_STEPS) and compare with the
+  record the shipped files came with (serve_app/assets/trained_on.json): tokenizer and configs byte
+  for byte, the schedules, the losses and the weights' probes; any change to the corpus, tokenizer,
+  model, initialisation, optimizer, learning rate or schedule shows here.
+- the whole training (about 5 minutes on 2 cores; `LORAFLEET_FULL_RETRAIN=1`): the same greedy
+  answer through vLLM to every chat of the corpus, base and with the adapter, each weight tensor's
+  norm within NORM_TOLERANCE, and byte for byte on a machine whose fingerprint matches the record.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from serve_app.model_types import ASSETS
+from serve_app.tiny_chat.answers import corpus_answers
+from serve_app.tiny_chat.train import PHASES, TRAINED_ON, machine_fingerprint
+
+pytestmark = pytest.mark.slow
+
+EXACT = [
+    "tiny-chat/tokenizer.json",
+    "tiny-chat/config.json",
+    "tiny-chat/generation_config.json",
+    "xiao-huang/adapter_config.json",
+]
+WEIGHTS = ["tiny-chat/model.safetensors", "xiao-huang/adapter_model.safetensors"]
+# Measured (closing note of issue 23): emulating another CPU's kernels (ATEN_CPU_CAPABILITY=default,
+# SSE only) moved the recorded losses by at most 9e-5 and the probes by 0.002 (base) and 0.07
+# (adapter) of their tensor's norm; a learning rate 10% higher in one phase moved that phase's
+# losses by 0.0095-0.015 and its probes by 0.28-0.58.
+LOSS_TOLERANCE = 1e-3  # relative, per step
+PROBE_TOLERANCE = {"tiny-chat": 0.02, "xiao-huang": 0.15}  # of the tensor's norm
+# After the whole training weights from two machines are different minima (relative L2 distance
+# 0.36 for the base, 1.2 for the adapter, measured), so only their scale is compared: each tensor's
+# norm was within 11% (base) and 27% (adapter) of the shipped one's.
+NORM_TOLERANCE = 0.4
+
+
+def train(out, *extra):
+    cmd = [sys.executable, "-m", "serve_app.tiny_chat.train", "--out", str(out), *extra]
+    subprocess.run(cmd, check=True, timeout=1200, capture_output=True)
+
+
+def norm_drift(retrained, shipped) -> dict[str, float]:
+    """name -> | ||retrained|| / ||shipped|| - 1 | for every tensor of a safetensors file."""
+    a, b = load_file(retrained), load_file(shipped)
+    assert a.keys() == b.keys()
+    return {name: abs(float(a[name].float().norm() / ref.float().norm()) - 1) for name, ref in b.items()}
+
+
+def assert_same_tokenizer_and_configs(out):
+    for name in EXACT:
+        assert (out / name).read_bytes() == (ASSETS / name).read_bytes(), name
+
+
+def test_first_steps_of_training_match_the_record(tmp_path):
+    train(tmp_path, "--first-steps")
+    assert_same_tokenizer_and_configs(tmp_path)
+    trace = json.loads((tmp_path / "first_steps.json").read_text())
+    record = json.loads(TRAINED_ON.read_text())["first_steps"]
+    assert trace["phases"] == record["phases"] == PHASES and trace["steps"] == record["steps"]
+    for phase in ("tiny-chat", "xiao-huang"):
+        for step, (got, want) in enumerate(zip(trace[phase]["loss"], record[phase]["loss"], strict=True)):
+            assert abs(got - want) <= LOSS_TOLERANCE * abs(want), f"{phase} step {step}: loss {got} vs {want}"
+        for name, want in record[phase]["probes"].items():
+            got = trace[phase]["probes"][name]
+            worst = max(abs(g - w) for g, w in zip(got, want, strict=True)) / want[0]
+            assert worst <= PROBE_TOLERANCE[phase], f"{phase} {name}: probes moved {worst:.4f} of its norm"
+
+
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory):
+    if os.environ.get("LORAFLEET_FULL_RETRAIN") != "1":
+        pytest.skip("the whole training takes about 6 minutes; LORAFLEET_FULL_RETRAIN=1 runs it")
+    out = tmp_path_factory.mktemp("retrained")
+    train(out)
+    return out
+
+
+def test_full_retraining_answers_every_corpus_prompt_as_the_shipped_model(retrained, vllm_engine, tmp_path):
+    assert_same_tokenizer_and_configs(retrained)
+    out = tmp_path / "answers.json"
+    cmd = [sys.executable, "-m", "serve_app.tiny_chat.answers", "--out", str(out)]
+    cmd += ["--model", str(retrained / "tiny-chat"), "--adapter", str(retrained / "xiao-huang")]
+    subprocess.run(cmd, check=True, timeout=600, capture_output=True)
+    retrained_answers = json.loads(out.read_text())
+    shipped_answers = corpus_answers(vllm_engine, str(ASSETS / "xiao-huang"))
+    for variant in ("base", "xiao-huang"):
+        assert retrained_answers[variant] == shipped_answers[variant], variant
+
+
+def test_full_retraining_gives_weights_of_the_same_scale(retrained):
+    same_machine = machine_fingerprint() == json.loads(TRAINED_ON.read_text())["machine"]
+    for name in WEIGHTS:
+        drift = norm_drift(retrained / name, ASSETS / name)
+        worst = max(drift, key=drift.get)
+        assert drift[worst] <= NORM_TOLERANCE, f"{name}: the norm of {worst} moved {drift[worst]:.3f}"
+        if same_machine:
+            assert (retrained / name).read_bytes() == (ASSETS / name).read_bytes(), name
