@@ -69,10 +69,13 @@ def crash(app_pid: int) -> None:
     """SIGKILL the app's process and every Ray process at once (a crashed head, an OOM kill of the
     group): nothing of Ray is left to stop HAProxy. (A SIGKILL of the app's process alone orphans
     HAProxy only sometimes: whether Ray's processes reap it first is a race.)"""
+
     def is_ray(proc: psutil.Process) -> bool:
         cmdline = proc.cmdline() or [""]
-        return cmdline[0].startswith("ray::") or os.path.basename(cmdline[0]) in ("raylet", "gcs_server") or any(
-            "ray/dashboard" in part or "ray/_private" in part for part in cmdline[:2]
+        return (
+            cmdline[0].startswith("ray::")
+            or os.path.basename(cmdline[0]) in ("raylet", "gcs_server")
+            or any("ray/dashboard" in part or "ray/_private" in part for part in cmdline[:2])
         )
 
     victims = [psutil.Process(app_pid)]
