@@ -71,9 +71,9 @@ def test_clients_hanging_up_while_sending_the_body_are_not_server_errors(main_ap
     before_499 = metric(main_app, "lorafleet_requests_total", status="499")
     log_before = ingress_log_text()
     head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {h}\r\nContent-Type: application/json\r\n"
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         "Content-Length: 4096\r\n\r\n" + '{"model": "tiny-chat", "messages": ['
-    ).format(h=host)
+    )
     for _ in range(200):
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             conn.sendall(head.encode())
