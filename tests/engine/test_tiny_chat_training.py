@@ -7,7 +7,7 @@ dozen steps, then part, and end in other weights that answer the same. So two ch
   record the shipped files came with (serve_app/assets/trained_on.json): tokenizer and configs byte
   for byte, the schedules, the losses and the weights' probes; any change to the corpus, tokenizer,
   model, initialisation, optimizer, learning rate or schedule shows here.
-- the whole training (about 5 minutes on 2 cores; `LORAFLEET_FULL_RETRAIN=1`): the same greedy
+- the whole training (about 6 minutes on 2 cores; `LORAFLEET_FULL_RETRAIN=1`): the same greedy
   answer through vLLM to every chat of the corpus, base and with the adapter, each weight tensor's
   norm within NORM_TOLERANCE, and byte for byte on a machine whose fingerprint matches the record.
 """
