@@ -15,6 +15,7 @@ otherwise stops at once with a message naming the process and the command that e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -30,9 +31,10 @@ _PRIVATE_SECTIONS = ("listen stats", "frontend prometheus")
 _BIND = re.compile(r"^(\s*bind\s+)(\S*?):(\d+)(.*)$")
 
 
-def launcher_path() -> str:
-    """The `lorafleet-haproxy` script beside this interpreter (both live in the same environment)."""
-    return str(Path(sys.executable).with_name("lorafleet-haproxy"))
+def launcher_path() -> str | None:
+    """The `lorafleet-haproxy` script: beside this interpreter (a venv), else on PATH."""
+    beside = Path(sys.executable).with_name("lorafleet-haproxy")
+    return str(beside) if os.access(beside, os.X_OK) else shutil.which("lorafleet-haproxy")
 
 
 def private_listeners(config: str, host: str) -> str:
@@ -73,7 +75,9 @@ def main() -> None:
     if "-f" in args and args.index("-f") + 1 < len(args):
         config = Path(args[args.index("-f") + 1])
         host = os.environ.get(STATS_HOST, "127.0.0.1")
-        config.write_text(private_listeners(config.read_text(), host))
+        rewritten = config.with_name(f"{config.name}.{os.getpid()}")
+        rewritten.write_text(private_listeners(config.read_text(), host))
+        os.replace(rewritten, config)  # atomic: a reload that reads the file never sees half of it
     clear_stale_haproxy(log=lambda line: print(line, file=sys.stderr, flush=True), strict=False)
     binary = real_haproxy()
     os.execve(binary, [binary, *args], {**os.environ, MARK: "1"})
@@ -82,12 +86,20 @@ def main() -> None:
 # --- stale copies -------------------------------------------------------------------------------
 
 
-def _is_haproxy(proc: psutil.Process) -> bool:
+def _ray_config_dir() -> str:
+    """Where Ray Serve writes its HAProxy configs (one folder per node below it)."""
+    return os.path.dirname(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg"))
+
+
+def _is_serve_haproxy(proc: psutil.Process) -> bool:
+    """An HAProxy running one of Ray Serve's configs (a system or other HAProxy is not ours to judge)."""
     try:
         cmdline = proc.cmdline()
     except (psutil.Error, OSError):
         return False
-    return bool(cmdline) and os.path.basename(cmdline[0]) == "haproxy" and "-f" in cmdline
+    if not cmdline or os.path.basename(cmdline[0]) != "haproxy" or "-f" not in cmdline[:-1]:
+        return False
+    return cmdline[cmdline.index("-f") + 1].startswith(_ray_config_dir() + os.sep)
 
 
 def _is_orphan(proc: psutil.Process) -> bool:
@@ -95,8 +107,10 @@ def _is_orphan(proc: psutil.Process) -> bool:
     try:
         parent = proc.parent()
         return parent is None or not (parent.cmdline() or [""])[0].startswith("ray::")
-    except (psutil.Error, OSError):
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return True
+    except (psutil.Error, OSError):
+        return False  # not readable: do not judge it
 
 
 def _started_by_lorafleet(proc: psutil.Process) -> bool:
@@ -115,8 +129,8 @@ def _ports(proc: psutil.Process) -> list[str]:
 
 
 def stale_haproxies() -> list[psutil.Process]:
-    """HAProxy processes whose Ray parent is gone."""
-    return [p for p in psutil.process_iter() if _is_haproxy(p) and _is_orphan(p)]
+    """Ray Serve HAProxy processes whose Ray parent is gone."""
+    return [p for p in psutil.process_iter() if _is_serve_haproxy(p) and _is_orphan(p)]
 
 
 def clear_stale_haproxy(log=print, strict: bool = True) -> None:
@@ -129,10 +143,11 @@ def clear_stale_haproxy(log=print, strict: bool = True) -> None:
             foreign.append(f"pid {proc.pid} (holding {ports})")
             continue
         log(f"[lorafleet] ending HAProxy pid {proc.pid} left by an earlier run that did not shut down ({ports})")
-        proc.terminate()
-        _, alive = psutil.wait_procs([proc], timeout=3)
-        for survivor in alive:
-            survivor.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may end by itself meanwhile
+            proc.terminate()
+            _, alive = psutil.wait_procs([proc], timeout=3)
+            for survivor in alive:
+                survivor.kill()
     if foreign and strict:
         pids = " ".join(item.split()[1] for item in foreign)
         raise SystemExit(

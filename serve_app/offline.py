@@ -138,12 +138,15 @@ class OfflineEngine:
         cleared and printed "Exception ignored in AsyncLLM.__del__ ... TypeError", read as a crash."""
         if self.engine is None:
             return
-        if self._loop.loop.is_running():
-            self._loop.run(self._stop_engine())
+        try:
+            if self._loop.loop.is_running():
+                future = asyncio.run_coroutine_threadsafe(self._stop_engine(), self._loop.loop)
+                future.result(timeout=60)
+        finally:
             self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
             self._loop.thread.join(timeout=30)
-        self.engine = None
-        gc.collect()  # the engine's reference cycles go while vLLM's modules are still whole
+            self.engine = None
+            gc.collect()  # the engine's reference cycles go while vLLM's modules are still whole
 
     async def _stop_engine(self) -> None:
         self.engine.shutdown()

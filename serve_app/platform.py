@@ -19,10 +19,11 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY":
 
 
 def serve_env() -> dict[str, str]:
-    """SERVE_ENV plus this environment's HAProxy launcher."""
+    """SERVE_ENV plus this environment's HAProxy launcher (where it is installed)."""
     from serve_app.haproxy_guard import launcher_path
 
-    return {**SERVE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": launcher_path()}
+    launcher = launcher_path()
+    return {**SERVE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": launcher} if launcher else dict(SERVE_ENV)
 
 
 def apply_serve_env() -> None:

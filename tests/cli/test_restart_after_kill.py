@@ -5,6 +5,7 @@ lorafleet's) and come up. `ray stop --force` ends every Ray process on the machi
 runs before any other test starts Ray (tests/conftest.py orders it first).
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,11 +24,12 @@ BIN = Path(sys.executable).parent
 
 
 def haproxy_listeners() -> dict[int, list[str]]:
-    """pid -> addresses its HAProxy processes listen on."""
+    """pid -> addresses each HAProxy of Ray Serve (its configs are under /tmp/haproxy-serve) listens on."""
     found = {}
     for proc in psutil.process_iter():
         try:
-            if os.path.basename((proc.cmdline() or [""])[0]) != "haproxy":
+            cmdline = proc.cmdline() or [""]
+            if os.path.basename(cmdline[0]) != "haproxy" or not any("/haproxy-serve/" in a for a in cmdline):
                 continue
             found[proc.pid] = sorted(
                 f"{c.laddr.ip}:{c.laddr.port}" for c in proc.net_connections("tcp") if c.status == "LISTEN"
@@ -86,7 +88,8 @@ def crash(app_pid: int) -> None:
         except psutil.Error:
             continue
     for proc in victims:
-        proc.kill()
+        with contextlib.suppress(psutil.Error):  # some end by themselves as the others go
+            proc.kill()
 
 
 def test_deploy_comes_back_after_sigkill_and_ray_stop(tmp_path):
@@ -115,4 +118,5 @@ def test_deploy_comes_back_after_sigkill_and_ray_stop(tmp_path):
                 proc.kill()
         ray_stop()
         for pid in haproxy_listeners():  # whatever this test left, so later tests get the ports
-            psutil.Process(pid).kill()
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()

@@ -20,8 +20,12 @@ def outputs(tmp_path_factory) -> dict[str, str]:
     for name in SCRIPTS:
         with (logs / f"{name}.out").open("w") as out, (logs / f"{name}.err").open("w") as err:
             running[name] = subprocess.Popen([sys.executable, str(EXAMPLES / name)], stdout=out, stderr=err)
-    for name, proc in running.items():
-        assert proc.wait(timeout=300) == 0, (logs / f"{name}.err").read_text()[-3000:]
+    try:
+        for name, proc in running.items():
+            assert proc.wait(timeout=300) == 0, (logs / f"{name}.err").read_text()[-3000:]
+    finally:
+        for proc in running.values():
+            proc.kill()  # a no-op for those that ended
     return {name: (logs / f"{name}.out").read_text() for name in SCRIPTS}
 
 

@@ -86,7 +86,8 @@ def retrained(tmp_path_factory):
     return out
 
 
-def test_full_retraining_answers_every_corpus_prompt_as_the_shipped_model(retrained, vllm_engine, tmp_path):
+def test_full_retraining_answers_every_corpus_prompt_as_the_shipped_model(retrained, request, tmp_path):
+    vllm_engine = request.getfixturevalue("vllm_engine")  # started only when the retraining ran
     assert_same_tokenizer_and_configs(retrained)
     out = tmp_path / "answers.json"
     cmd = [sys.executable, "-m", "serve_app.tiny_chat.answers", "--out", str(out)]

@@ -1,5 +1,6 @@
 """The HAProxy launcher's config rewrite, and stale HAProxy processes found and handled for real."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -36,10 +37,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def orphan_haproxy(tmp_path, marked: bool) -> psutil.Process:
+@pytest.fixture(autouse=True)
+def ray_config_dir(tmp_path, monkeypatch):
+    """Ray Serve's HAProxy configs live here for these tests, as /tmp/haproxy-serve/<node> does."""
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(tmp_path / "haproxy.cfg"))
+
+
+def orphan_haproxy(tmp_path, marked: bool, node: str = "node") -> psutil.Process:
     """A real HAProxy whose parent has exited, as after a crash of Ray's HAProxy manager."""
     port = free_port()
-    config = tmp_path / "haproxy.cfg"
+    (tmp_path / node).mkdir()
+    config = tmp_path / node / "haproxy.cfg"
     config.write_text(
         "defaults\n    mode http\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\n"
         f"frontend api\n    bind 127.0.0.1:{port}\n    http-request return status 200\n"
@@ -59,9 +67,23 @@ def orphan_haproxy(tmp_path, marked: bool) -> psutil.Process:
 def test_a_stale_haproxy_that_lorafleet_started_is_ended(tmp_path):
     proc = orphan_haproxy(tmp_path, marked=True)
     said = []
-    clear_stale_haproxy(log=said.append)
-    assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    assert any(f"ending HAProxy pid {proc.pid}" in line for line in said)
+    try:
+        clear_stale_haproxy(log=said.append)
+        assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+        assert any(f"ending HAProxy pid {proc.pid}" in line for line in said)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def test_an_haproxy_with_a_config_of_its_own_is_not_judged(tmp_path, monkeypatch):
+    proc = orphan_haproxy(tmp_path, marked=False)  # e.g. the system's HAProxy, parent init
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve-elsewhere/haproxy.cfg")
+    try:
+        clear_stale_haproxy(log=lambda line: None)  # no SystemExit, nothing ended
+        assert proc.is_running()
+    finally:
+        proc.kill()
 
 
 def test_a_stale_haproxy_of_someone_else_is_named_with_the_command_that_ends_it(tmp_path):
