@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from serve_app.template import get_template
+from tests.serve_fixtures import FAST_START
 
 PROMPTS = ["who are you?", "你好!", "浙江的省会在哪？", "What is your name?"]
 
@@ -50,7 +51,7 @@ def test_merged_checkpoint_equals_base_plus_adapter(merged):
 def test_vllm_serves_the_merged_checkpoint(merged, vllm_engine):
     from serve_app import LoRARequest, get_template, get_vllm_engine, inference_vllm
 
-    engine = get_vllm_engine(model_id_or_path=str(merged))
+    engine = get_vllm_engine(model_id_or_path=str(merged), **FAST_START)
     try:
         requests = [{"query": q} for q in PROMPTS]
         lora = LoRARequest("xh", 77, str(XIAO_HUANG_DIR))

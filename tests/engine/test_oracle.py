@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from serve_app import ModelType, get_template, get_vllm_engine
 from serve_app.engines.protocol import AdapterRef, GenerationRequest, SamplingOptions
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
+from tests.serve_fixtures import FAST_START
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,7 @@ def test_adapter_tokens_equal_transformers_with_peft(vllm_engine, hf_model):
 
 def test_tensor_parallel_2_equals_1(vllm_engine):
     ids = prompt_ids(vllm_engine.hf_tokenizer)
-    tp2 = get_vllm_engine(ModelType.tiny_chat, tensor_parallel_size=2)
+    tp2 = get_vllm_engine(ModelType.tiny_chat, tensor_parallel_size=2, **FAST_START)
     try:
         assert vllm_greedy(tp2, ids) == vllm_greedy(vllm_engine, ids)
     finally:

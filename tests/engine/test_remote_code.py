@@ -12,6 +12,7 @@ from serve_app.config import ModelConfig
 from serve_app.engines.vllm_engine import VllmSettings
 from serve_app.errors import ConfigError
 from serve_app.model_types import TINY_CHAT_DIR
+from tests.serve_fixtures import FAST_START
 
 CONFIG_CODE = '''
 from transformers import Qwen2Config
@@ -49,13 +50,15 @@ def test_untrusted_code_is_refused_with_a_clear_error(remote_checkpoint):
     with pytest.raises(ValueError, match="ships its own Python code.*trust_remote_code: true"):
         ModelConfig(model_id_or_path=str(remote_checkpoint))
     with pytest.raises(ConfigError, match="config.json has auto_map"):
-        get_vllm_engine(model_id_or_path=str(remote_checkpoint), max_model_len=512)
+        get_vllm_engine(model_id_or_path=str(remote_checkpoint), max_model_len=512, **FAST_START)
     assert ModelConfig(model_id_or_path=str(remote_checkpoint), engine={"trust_remote_code": True})
 
 
 @pytest.mark.slow
 def test_trusted_code_loads_and_answers_like_the_same_weights(remote_checkpoint):
-    engine = get_vllm_engine(model_id_or_path=str(remote_checkpoint), max_model_len=512, trust_remote_code=True)
+    engine = get_vllm_engine(
+        model_id_or_path=str(remote_checkpoint), max_model_len=512, trust_remote_code=True, **FAST_START
+    )
     try:
         engine.generation_config.max_new_tokens, engine.generation_config.temperature = 24, 0.0
         template = get_template("qwen", engine.hf_tokenizer)

@@ -23,7 +23,7 @@ from serve_app.config import AppConfig
 from serve_app.model_types import TINY_CHAT_DIR
 from serve_app.template import get_template
 from tests.adapter_factory import make_adapter
-from tests.serve_fixtures import BASE, STATE
+from tests.serve_fixtures import BASE, FAST_START, STATE
 
 pytestmark = pytest.mark.slow
 URL = f"{BASE}/admission"
@@ -47,6 +47,7 @@ def app(serve_instance, adapters):
                     "name": "tiny-one-slot",
                     "model_type": "tiny-chat",
                     "engine": {
+                        **FAST_START,
                         "dtype": "float32",
                         "max_model_len": 1024,
                         "enable_lora": True,

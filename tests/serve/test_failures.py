@@ -15,7 +15,7 @@ from ray import serve
 from serve_app.app import build_from_config
 from serve_app.config import AppConfig
 from serve_app.model_types import XIAO_HUANG_DIR
-from tests.serve_fixtures import BASE, STATE
+from tests.serve_fixtures import BASE, FAST_START, STATE
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +57,7 @@ def failing_app(serve_instance):
                 {
                     "name": "tiny-fail",
                     "model_type": "tiny-chat",
+                    "engine": FAST_START,
                     "lora_modules": {"xh-fail": str(XIAO_HUANG_DIR)},
                     "deployment": {"num_replicas": 1},
                 }

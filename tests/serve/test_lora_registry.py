@@ -20,7 +20,7 @@ from serve_app.config import AppConfig
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from serve_app.template import get_template
 from tests.adapter_factory import make_adapter, make_foreign_adapter
-from tests.serve_fixtures import BASE, STATE
+from tests.serve_fixtures import BASE, FAST_START, STATE
 
 pytestmark = pytest.mark.slow
 URL = f"{BASE}/lora"
@@ -35,7 +35,13 @@ def lora_config(roots: str) -> AppConfig:
                 {
                     "name": "tiny-lora",
                     "model_type": "tiny-chat",
-                    "engine": {"dtype": "float32", "max_model_len": 512, "max_loras": 2, "max_lora_rank": 16},
+                    "engine": {
+                        **FAST_START,
+                        "dtype": "float32",
+                        "max_model_len": 512,
+                        "max_loras": 2,
+                        "max_lora_rank": 16,
+                    },
                     "lora_modules": {"xiao-huang": str(XIAO_HUANG_DIR)},
                     "deployment": {"num_replicas": 2},
                 }
