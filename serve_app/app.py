@@ -42,7 +42,18 @@ def build_registry(config: AppConfig) -> Application:
     """One replica: Serve's controller restarts it if it dies, and it reloads its SQLite state."""
     bases = [base_model_spec(m) for m in config.models]
     startup = {name: (m.served_name, path) for m in config.models for name, path in m.lora_modules.items()}
-    options = dict(name="LoraRegistry", num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
+    # Every ingress and engine replica keeps a `listen` long-poll (up to 30 s) open here, so a stopping
+    # replica (app deleted or redeployed) would wait Serve's default 20 s for them to end. They are
+    # only reads that their followers repeat; a change is committed before it is acknowledged.
+    options = dict(
+        name="LoraRegistry",
+        num_replicas=1,
+        max_ongoing_requests=10_000,
+        graceful_shutdown_timeout_s=2,
+        # Requests that change adapters fail while it is down: notice a dead replica in 2 s, not 10 s.
+        health_check_period_s=2,
+        ray_actor_options={"num_cpus": 0},
+    )
     registry = serve.deployment(LoraRegistry).options(**options)
     return registry.bind(config.registry.state_dir, bases, config.registry.allowed_roots, startup)
 
