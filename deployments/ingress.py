@@ -11,71 +11,37 @@ import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from deployments.renderer import RenderRequest
-from serve_app.admin_protocol import AdapterCreate, LoadLoraRequest, UnloadLoraRequest
+from deployments.http.admin_schemas import AdapterCreate, LoadLoraRequest, UnloadLoraRequest
+from deployments.http.error_handlers import install_error_handlers, unwrap
+from deployments.http.openai_schemas import ChatCompletionRequest, CompletionRequest
+from deployments.http.openapi import install_openapi
+from deployments.http.request_metrics import Metrics
+from deployments.http.responses import ResponseBuilder
+from lora_registry.follower import follow_registry
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.engines.protocol import AdapterRef, GenerationRequest
 from serve_app.errors import (
     AuthenticationError,
     ClientClosedRequest,
     InvalidRequestError,
     LorafleetError,
     NotFoundError,
-    OverloadedError,
     PayloadTooLargeError,
     PermissionDeniedError,
 )
-from serve_app.metrics import Metrics
-from serve_app.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serve_app.messages import AdapterRef, FirstMessage, GenerationRequest, RenderRequest
 from serve_app.platform import freeze_startup_heap
-from serve_app.response_builder import ResponseBuilder
 
 logger = logging.getLogger(__name__)
 WEB_UI = (Path(__file__).resolve().parent.parent / "serve_app" / "web" / "index.html").read_text(encoding="utf-8")
 app = FastAPI(title="lorafleet", description="OpenAI-compatible API for LLMs and LoRA adapters")
 
 
-@app.exception_handler(LorafleetError)
-async def _lorafleet_error(request: Request, exc: LorafleetError):
-    return JSONResponse(exc.to_dict(), status_code=exc.status)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    kind = NotFoundError if exc.status_code == 404 else InvalidRequestError
-    error = kind(f"{request.method} {request.url.path}: {exc.detail}")
-    return JSONResponse(error.to_dict(), status_code=exc.status_code)
-
-
-@app.exception_handler(Exception)
-async def _unexpected_error(request: Request, exc: Exception):
-    exc = unwrap(exc)
-    if isinstance(exc, LorafleetError):
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
-    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    error = LorafleetError("internal error; the server log has the details.")
-    return JSONResponse(error.to_dict(), status_code=500)
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The original exception behind Ray's wrappers (RayTaskError keeps it as `.cause`)."""
-    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
-        exc = exc.cause
-    name = type(exc).__name__
-    if name == "BackPressureError":
-        return OverloadedError("the server is at capacity; retry shortly.", code="overloaded")
-    if name in _REPLICA_GONE:  # Serve is replacing it; the request did not run to the end
-        return OverloadedError("a serving replica stopped while handling this request; retry.", code="replica_died")
-    return exc
-
-
-_REPLICA_GONE = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "ActorUnschedulableError"}
+install_error_handlers(app)
+install_openapi(app)
 
 
 class Ingress:
@@ -91,17 +57,17 @@ class Ingress:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.adapter_state = await registry.state.remote()
-        self._follower = asyncio.create_task(self._follow_registry())
+        self._follower = asyncio.create_task(
+            follow_registry(registry, self._set_adapter_state, self.adapter_state["version"])
+        )
         freeze_startup_heap()
 
-    async def _follow_registry(self) -> None:
-        """Keep a local copy of the registry: resolving a name then costs no actor call."""
-        while True:
-            try:
-                self.adapter_state = await self.registry.listen.remote(self.adapter_state["version"])
-            except Exception:
-                logger.warning("registry unreachable; retrying", exc_info=True)
-                await asyncio.sleep(1)
+    @classmethod
+    def get_deployment_options(cls, config: AppConfig) -> dict:
+        return config.ingress.deployment.serve_options("Ingress")
+
+    async def _set_adapter_state(self, state: dict) -> None:
+        self.adapter_state = state  # resolving a name then costs no actor call
 
     # --- routes -------------------------------------------------------------------------------
 
@@ -331,9 +297,11 @@ class Ingress:
             .options(stream=True, multiplexed_model_id=multiplexed)
             .generate.remote(request)
         )
-        served, first = await _first_message(stream)
+        opening = await _first_message(stream)
         self.metrics.ttft.labels(req.model).observe(time.perf_counter() - started)
-        if served is not None:
+        first = opening.deltas if opening else None
+        if opening is not None:
+            served = opening.served_by
             self.metrics.engine_requests.labels(req.model, served.replica, served.adapter).inc()
             self.metrics.engine_ttft.labels(req.model).observe(served.first_token_s)
         if req.stream:
@@ -384,50 +352,17 @@ class Ingress:
         self.metrics.latency.labels(model).observe(time.perf_counter() - started)
 
 
-# Routes read their bodies themselves (size limit first, OpenAI-shaped errors); this puts the body
-# schemas into /openapi.json anyway, so clients and fuzzers (schemathesis) see them.
-_REQUEST_BODIES = {
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": CompletionRequest,
-    "/v1/load_lora_adapter": LoadLoraRequest,
-    "/v1/unload_lora_adapter": UnloadLoraRequest,
-    "/v1/adapters": AdapterCreate,
-}
-
-
-def _openapi() -> dict:
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
-        components = schema.setdefault("components", {})
-        models = components.setdefault("schemas", {})
-        for path, model in _REQUEST_BODIES.items():
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            models.update(body.pop("$defs", {}))
-            models[model.__name__] = body
-            schema["paths"][path]["post"]["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
-            }
-        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        schema["security"] = [{"bearer": []}, {}]
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
-app.openapi = _openapi
-
-
 def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     return header[7:] if header[:7].lower() == "bearer " else ""
 
 
-async def _first_message(stream):
+async def _first_message(stream) -> FirstMessage | None:
     """Await the first message so that errors before any output get a real HTTP status."""
     try:
-        return await stream.__anext__()  # (ServedBy, deltas)
+        return await stream.__anext__()
     except StopAsyncIteration:
-        return None, None
+        return None
     except Exception as exc:
         raise unwrap(exc) from None
 

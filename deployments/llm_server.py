@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from serve_app.adapter_residency import AdapterResidency
+from deployments.engine_replica.coalesce import coalesce
+from deployments.engine_replica.reaper import watch_engine_processes
+from deployments.engine_replica.residency import AdapterResidency
 from serve_app.config import ModelConfig
-from serve_app.engine_reaper import watch_engine_processes
-from serve_app.engines.protocol import Delta, GenerationRequest, ServedBy
+from serve_app.messages import Delta, FirstMessage, GenerationRequest, ServedBy
 from serve_app.platform import freeze_startup_heap, has_nvidia_gpu
 
 # A client still sees its answer grow every few engine steps, however many streams share a replica.
@@ -37,8 +37,8 @@ class LLMServer:
         self.streams = 0  # requests streaming from this replica now
         freeze_startup_heap()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple[ServedBy, list[Delta]] | list[Delta]]:
-        """The first message is `(ServedBy, deltas)`, every later one a list of deltas."""
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[FirstMessage | list[Delta]]:
+        """The first message is a FirstMessage, every later one a list of deltas."""
         started = time.perf_counter()
         async with self.adapters.use(request.adapter) as residency:
             self.streams += 1
@@ -47,7 +47,7 @@ class LLMServer:
                 async for deltas in coalesce(self.engine.generate(request), self._tokens_per_message):
                     if served is None:
                         served = ServedBy(self.adapters.replica_id, residency, time.perf_counter() - started)
-                        yield served, deltas
+                        yield FirstMessage(served, deltas)
                     else:
                         yield deltas
             finally:
@@ -131,61 +131,3 @@ async def start_engine(model: ModelConfig):
             )
         )
     return await VllmEngine.start(VllmSettings.from_options(path, e))
-
-
-async def coalesce(source: AsyncIterator[list[Delta]], min_tokens=lambda: 1) -> AsyncIterator[list[Delta]]:
-    """Re-yield `source`, merging deltas that arrive while the consumer is busy into one message.
-
-    After the first message, a message waits for `min_tokens()` tokens (or the end of the stream)."""
-    waiting: list[Delta] = []
-    wake = asyncio.Event()
-    first = True
-
-    def ready() -> bool:
-        if not waiting:
-            return False
-        if first or any(d.finish_reason for d in waiting):
-            return True
-        return sum(len(d.token_ids) for d in waiting) >= min_tokens()
-
-    async def pump():
-        try:
-            async for deltas in source:
-                waiting.extend(deltas)
-                wake.set()
-        finally:
-            wake.set()
-
-    task = asyncio.create_task(pump())
-    try:
-        while True:
-            if not ready() and not task.done():
-                wake.clear()
-                await wake.wait()
-                continue
-            if waiting:
-                batch = waiting.copy()
-                waiting.clear()
-                first = False
-                yield merge_deltas(batch)
-            elif task.done():
-                task.result()  # re-raise an engine error
-                return
-    finally:
-        task.cancel()  # a client that went away: closing the source aborts the engine request
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def merge_deltas(deltas: list[Delta]) -> list[Delta]:
-    """One delta per choice index, in order."""
-    merged: dict[int, Delta] = {}
-    for d in deltas:
-        if (m := merged.get(d.index)) is None:
-            merged[d.index] = d
-            continue
-        logprobs = None if m.logprobs is None and d.logprobs is None else (m.logprobs or ()) + (d.logprobs or ())
-        merged[d.index] = Delta(
-            d.index, m.text + d.text, m.token_ids + d.token_ids, d.finish_reason or m.finish_reason, logprobs
-        )
-    return [merged[i] for i in sorted(merged)]

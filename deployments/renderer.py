@@ -4,26 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serve_app.config import ModelConfig
+from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import InvalidRequestError, PromptTooLongError
+from serve_app.messages import RenderedPrompt, RenderRequest
 from serve_app.platform import freeze_startup_heap
-
-
-@dataclass(frozen=True)
-class RenderRequest:
-    """Either `messages` (chat) or `prompt` (raw completion text or token ids)."""
-
-    model: str
-    messages: tuple | None = None
-    prompt: str | tuple[int, ...] | None = None
-    max_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class RenderedPrompt:
-    prompt_ids: tuple[int, ...]
-    max_tokens: int  # what the request may generate: asked for, or what is left of the context
-    stop_token_ids: tuple[int, ...]
 
 
 class Renderer:
@@ -33,18 +17,18 @@ class Renderer:
         self._models = {m.served_name: _ModelTemplate.load(m) for m in models}
         freeze_startup_heap()
 
+    @classmethod
+    def get_deployment_options(cls, config: AppConfig) -> dict:
+        return config.renderer.deployment.serve_options("Renderer")
+
     async def render(self, request: RenderRequest) -> RenderedPrompt:
         return self._models[request.model].render(request)
-
-    async def tokenize(self, model: str, text: str) -> list[int]:
-        return self._models[model].template.tokenize(text)
 
 
 @dataclass
 class _ModelTemplate:
     template: object
     max_model_len: int
-    is_chat: bool
 
     @classmethod
     def load(cls, model: ModelConfig) -> _ModelTemplate:
@@ -63,7 +47,7 @@ class _ModelTemplate:
             model.engine.max_model_len
             or AutoConfig.from_pretrained(path, trust_remote_code=remote_code).max_position_embeddings
         )
-        return cls(get_template(template_type, tokenizer), max_len, model.is_chat)
+        return cls(get_template(template_type, tokenizer), max_len)
 
     def render(self, request: RenderRequest) -> RenderedPrompt:
         if request.messages is not None:

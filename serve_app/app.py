@@ -17,7 +17,7 @@ from deployments.ingress import app as fastapi_app
 from deployments.llm_server import LLMServer
 from deployments.renderer import Renderer
 from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry
-from serve_app.config import AppConfig, DeploymentOptions, ModelConfig
+from serve_app.config import AppConfig, ModelConfig
 from serve_app.model_types import resolve_model_dir
 
 
@@ -32,29 +32,17 @@ def build_from_config(config: AppConfig) -> Application:
         m.served_name: serve.deployment(LLMServer).options(**LLMServer.get_deployment_options(m)).bind(m, registry)
         for m in config.models
     }
-    renderer = serve.deployment(Renderer).options(**serve_options("Renderer", config.renderer.deployment))
+    renderer = serve.deployment(Renderer).options(**Renderer.get_deployment_options(config))
     ingress = serve.deployment(serve.ingress(fastapi_app)(Ingress))
-    ingress = ingress.options(**serve_options("Ingress", config.ingress.deployment))
+    ingress = ingress.options(**Ingress.get_deployment_options(config))
     return ingress.bind(config, renderer.bind(config.models), servers, registry)
 
 
 def build_registry(config: AppConfig) -> Application:
-    """One replica: Serve's controller restarts it if it dies, and it reloads its SQLite state."""
+    """The registry deployment, bound to the base models it checks adapters against."""
     bases = [base_model_spec(m) for m in config.models]
     startup = {name: (m.served_name, path) for m in config.models for name, path in m.lora_modules.items()}
-    # Every ingress and engine replica keeps a `listen` long-poll (up to 30 s) open here, so a stopping
-    # replica (app deleted or redeployed) would wait Serve's default 20 s for them to end. They are
-    # only reads that their followers repeat; a change is committed before it is acknowledged.
-    options = dict(
-        name="LoraRegistry",
-        num_replicas=1,
-        max_ongoing_requests=10_000,
-        graceful_shutdown_timeout_s=2,
-        # Requests that change adapters fail while it is down: notice a dead replica in 2 s, not 10 s.
-        health_check_period_s=2,
-        ray_actor_options={"num_cpus": 0},
-    )
-    registry = serve.deployment(LoraRegistry).options(**options)
+    registry = serve.deployment(LoraRegistry).options(**LoraRegistry.get_deployment_options())
     return registry.bind(config.registry.state_dir, bases, config.registry.allowed_roots, startup)
 
 
@@ -71,18 +59,3 @@ def base_model_spec(model: ModelConfig) -> BaseModelSpec:
         return BaseModelSpec(model.served_name, hf_config, True, 1 << 16, None)
     engine = model.engine
     return BaseModelSpec(model.served_name, hf_config, engine.enable_lora, engine.max_lora_rank, VLLM_LORA_MODULES)
-
-
-def serve_options(name: str, opts: DeploymentOptions) -> dict:
-    """Serve options of a CPU-only deployment."""
-    options = dict(
-        name=name,
-        max_ongoing_requests=opts.max_ongoing_requests,
-        max_queued_requests=opts.max_queued_requests,
-        ray_actor_options={"num_cpus": opts.num_cpus, **opts.ray_actor_options},
-    )
-    if opts.autoscaling is not None:
-        options["autoscaling_config"] = opts.autoscaling.model_dump()
-    else:
-        options["num_replicas"] = opts.num_replicas or 1
-    return options

@@ -35,7 +35,7 @@ class ChatSession:
 
 
 def build_chat_session(args: argparse.Namespace, choice) -> ChatSession:
-    from serve_app.engines.protocol import AdapterRef
+    from serve_app.messages import AdapterRef
 
     if choice.adapters and args.infer_backend == "vllm" and not args.vllm_enable_lora:
         raise ConfigError(

@@ -77,6 +77,20 @@ class DeploymentOptions(Strict):
             raise ValueError("give either num_replicas or autoscaling, not both")
         return self
 
+    def serve_options(self, name: str) -> dict:
+        """Ray Serve options of a CPU-only deployment (Ingress, Renderer) with these settings."""
+        options = dict(
+            name=name,
+            max_ongoing_requests=self.max_ongoing_requests,
+            max_queued_requests=self.max_queued_requests,
+            ray_actor_options={"num_cpus": self.num_cpus, **self.ray_actor_options},
+        )
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        return options
+
 
 class EngineOptions(Strict):
     """vLLM engine arguments exposed by lorafleet; anything else goes in `engine_kwargs`."""

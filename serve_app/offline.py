@@ -23,10 +23,10 @@ from typing import Any
 
 from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
 from serve_app.config import EngineOptions
-from serve_app.engines.protocol import AdapterRef, GenerationRequest, SamplingOptions
 from serve_app.engines.pt_engine import PtEngine, PtSettings
 from serve_app.engines.vllm_engine import VllmEngine, VllmSettings
 from serve_app.errors import ConfigError
+from serve_app.messages import AdapterRef, GenerationRequest, SamplingOptions
 from serve_app.model_types import (
     MODELS,
     check_remote_code,

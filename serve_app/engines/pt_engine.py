@@ -11,8 +11,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from serve_app.engines.protocol import AdapterRef, Delta, GenerationRequest, SamplingOptions
 from serve_app.errors import InvalidRequestError
+from serve_app.messages import AdapterRef, Delta, GenerationRequest, SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,6 @@ class PtEngine:
             return self.model.disable_adapter()
         self.model.set_adapter(self._adapters[adapter.adapter_id])
         return contextlib.nullcontext()
-
-    async def abort(self, request_id: str) -> None:
-        if flag := self._stops.get(request_id):
-            flag.stopped.set()
 
     async def add_adapter(self, adapter: AdapterRef) -> None:
         async with self._lock:

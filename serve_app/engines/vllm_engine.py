@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serve_app.engines.protocol import AdapterRef, Delta, GenerationRequest, SamplingOptions, TokenLogprob
+from serve_app.messages import AdapterRef, Delta, GenerationRequest, SamplingOptions, TokenLogprob
 from serve_app.platform import prepare_vllm_env
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ class VllmSettings:
     max_num_seqs: int | None = None
     seed: int = 0
     trust_remote_code: bool = False
-    served_model_name: str | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -78,7 +77,6 @@ class VllmEngine:
         self.settings = settings
         self.llm = async_llm
         self.max_model_len: int = async_llm.model_config.max_model_len
-        self._adapters: dict[int, AdapterRef] = {}
         self._running: set[str] = set()
 
     @classmethod
@@ -117,14 +115,10 @@ class VllmEngine:
         finally:
             self._running.discard(request.request_id)
 
-    async def abort(self, request_id: str) -> None:
-        await self.llm.abort(request_id)
-
     async def add_adapter(self, adapter: AdapterRef) -> None:
         await self.llm.add_lora(self._lora_request(adapter))
 
     async def remove_adapter(self, adapter_id: int) -> None:
-        self._adapters.pop(adapter_id, None)
         await self.llm.remove_lora(adapter_id)
 
     async def loaded_adapter_ids(self) -> set[int]:
@@ -146,7 +140,6 @@ class VllmEngine:
             return None
         from vllm.lora.request import LoRARequest
 
-        self._adapters[adapter.adapter_id] = adapter
         return LoRARequest(adapter.name, adapter.adapter_id, adapter.path)
 
     def _sampling_params(self, options: SamplingOptions, prompt_len: int):

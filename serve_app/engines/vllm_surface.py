@@ -23,7 +23,6 @@ IMPORTS = {
 ASYNC_LLM_METHODS = [
     "from_engine_args",
     "generate",
-    "abort",
     "add_lora",
     "remove_lora",
     "list_loras",

@@ -23,7 +23,7 @@ def corpus_answers(engine, adapter_path: str) -> dict[str, list[str]]:
     """Greedy answers to each chat the model was trained on: the base model on BASE_CHATS, the adapter
     on ADAPTER_CHATS. (The completion texts have no prompt to answer; their prefixes are not
     continued reliably by either training, so they are left out.)"""
-    from serve_app.engines.protocol import AdapterRef
+    from serve_app.messages import AdapterRef
     from serve_app.offline import GenerationConfig, inference_vllm
     from serve_app.template import get_template
 

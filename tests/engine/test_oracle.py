@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from serve_app import ModelType, get_template, get_vllm_engine
-from serve_app.engines.protocol import AdapterRef, GenerationRequest, SamplingOptions
+from serve_app.messages import AdapterRef, GenerationRequest, SamplingOptions
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from tests.serve_fixtures import FAST_START
 

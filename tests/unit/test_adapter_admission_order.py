@@ -1,4 +1,4 @@
-"""The order in which waiting adapters take a freed engine slot (serve_app/adapter_residency.py).
+"""The order in which waiting adapters take a freed engine slot (deployments/engine_replica/residency.py).
 
 The real-stack test (tests/serve/test_adapter_admission.py) shows the most-waiting-requests-first
 rule through Serve and vLLM; this one drives the residency's queue alone, with an engine that only
@@ -6,7 +6,7 @@ records adapters, to show the bound on how long a lone adapter can be passed ove
 
 import asyncio
 
-from serve_app.adapter_residency import PASSES_BEFORE_FIRST, AdapterResidency
+from deployments.engine_replica.residency import PASSES_BEFORE_FIRST, AdapterResidency
 
 
 class RecordingEngine:

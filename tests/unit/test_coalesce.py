@@ -2,8 +2,8 @@
 
 import asyncio
 
-from deployments.llm_server import coalesce
-from serve_app.engines.protocol import Delta
+from deployments.engine_replica.coalesce import coalesce
+from serve_app.messages import Delta
 
 
 async def engine_steps(count: int):

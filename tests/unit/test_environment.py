@@ -24,6 +24,6 @@ def test_vllm_public_api_we_rely_on_exists():
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    for method in ("generate", "abort", "add_lora", "remove_lora", "list_loras", "check_health", "shutdown"):
+    for method in ("generate", "add_lora", "remove_lora", "list_loras", "check_health", "shutdown"):
         assert callable(getattr(AsyncLLM, method)), method
     assert RequestOutputKind.DELTA

@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from serve_app.engines.protocol import Delta
+from serve_app.messages import Delta
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """OpenAI request bodies (pydantic, validated at the HTTP edge) and their sampling options.
 
-Responses reuse the `openai` package's own pydantic models (see `response_builder.py`).
-Fields OpenAI defines but lorafleet does not act on (`user`, `tools`, ...) are accepted and ignored,
-so existing clients keep working; vLLM's extra sampling fields travel in `extra_body`.
+Responses are built in `responses.py`. Fields OpenAI defines but lorafleet does not act on
+(`user`, `tools`, ...) are accepted and ignored (not yet refused by name); vLLM's extra
+sampling fields travel in `extra_body`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve_app.engines.protocol import SamplingOptions
+from serve_app.messages import SamplingOptions
 
 MAX_N = 16
 MAX_LOGPROBS = 20

@@ -1,13 +1,12 @@
-"""The engine contract shared by the vLLM and pt engines, and the plain data that crosses it.
+"""The messages that cross deployments: frozen dataclasses of plain values, so they pickle across Ray.
 
-Everything here is a frozen dataclass of plain values, so it pickles across Ray deployments.
+Ingress ──RenderRequest──▶ Renderer ──RenderedPrompt──▶ Ingress
+Ingress ──GenerationRequest──▶ LLMServer ──FirstMessage, then list[Delta]──▶ Ingress
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -82,27 +81,27 @@ class GenerationRequest:
     adapter: AdapterRef | None = None
 
 
-class Engine(Protocol):
-    """What LLMServer and the offline API need from an engine.
+@dataclass(frozen=True)
+class FirstMessage:
+    """The first message of every LLMServer stream: who served it, and the first deltas. Every later
+    message is a plain `list[Delta]`."""
 
-    `generate` yields lists of deltas: every delta produced since the previous yield, so a slow
-    consumer receives several tokens in one message instead of falling behind token by token.
-    """
+    served_by: ServedBy
+    deltas: list[Delta]
 
-    max_model_len: int
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]: ...
+@dataclass(frozen=True)
+class RenderRequest:
+    """Either `messages` (chat) or `prompt` (raw completion text or token ids)."""
 
-    async def abort(self, request_id: str) -> None: ...
+    model: str
+    messages: tuple | None = None
+    prompt: str | tuple[int, ...] | None = None
+    max_tokens: int | None = None
 
-    async def add_adapter(self, adapter: AdapterRef) -> None: ...
 
-    async def remove_adapter(self, adapter_id: int) -> None: ...
-
-    async def loaded_adapter_ids(self) -> set[int]: ...
-
-    async def num_running(self) -> int: ...
-
-    async def check_health(self) -> None: ...
-
-    def shutdown(self) -> None: ...
+@dataclass(frozen=True)
+class RenderedPrompt:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int  # what the request may generate: asked for, or what is left of the context
+    stop_token_ids: tuple[int, ...]

@@ -31,7 +31,8 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 
-from serve_app.engines.protocol import AdapterRef
+from lora_registry.follower import follow_registry
+from serve_app.messages import AdapterRef
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_S = 5.0
@@ -58,7 +59,7 @@ class AdapterResidency:
 
         self._routing = serve.multiplexed(max_num_models_per_replica=capacity)(route)
         if registry is not None:
-            self._spawn(self._follow_registry())
+            self._spawn(follow_registry(registry, self._on_registry_state, timeout_s=HEARTBEAT_S))
 
     @contextlib.asynccontextmanager
     async def use(self, adapter: AdapterRef | None) -> AsyncIterator[str]:
@@ -165,21 +166,12 @@ class AdapterResidency:
         with contextlib.suppress(Exception):
             await self.registry.report_residency.remote(self.replica_id, self.model_name, ids)
 
-    async def _follow_registry(self) -> None:
+    async def _on_registry_state(self, state: dict) -> None:
         """Drop adapters the registry no longer has (unload, or replace: the id changed)."""
-        version = ""
-        while True:
-            try:
-                state = await self.registry.listen.remote(version, HEARTBEAT_S)
-            except Exception:
-                logger.warning("registry unreachable; retrying", exc_info=True)
-                await asyncio.sleep(1)
-                continue
-            version = state["version"]
-            live = {r["adapter_id"] for r in state["adapters"].values()}
-            for adapter_id in [i for i in self.held if i not in live]:
-                await self.remove(adapter_id)
-            await self.report()  # also the heartbeat that keeps this replica listed
+        live = {r["adapter_id"] for r in state["adapters"].values()}
+        for adapter_id in [i for i in self.held if i not in live]:
+            await self.remove(adapter_id)
+        await self.report()  # also the heartbeat that keeps this replica listed
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)

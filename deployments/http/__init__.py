@@ -1,0 +1,1 @@
+"""The ingress's private helpers: HTTP schemas, responses, error handlers, request metrics."""

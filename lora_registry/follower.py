@@ -1,0 +1,25 @@
+"""Following the registry by long-poll: the ingress and every engine replica keep a local copy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+logger = logging.getLogger(__name__)
+
+
+async def follow_registry(
+    registry, on_state: Callable[[dict], Awaitable[None]], version: str = "", timeout_s: float = 30.0
+) -> None:
+    """Call `on_state` with each new registry state, and at least every `timeout_s` (a heartbeat).
+    Runs until cancelled; an unreachable registry (restarting) is retried every second."""
+    while True:
+        try:
+            state = await registry.listen.remote(version, timeout_s)
+        except Exception:
+            logger.warning("registry unreachable; retrying", exc_info=True)
+            await asyncio.sleep(1)
+            continue
+        version = state["version"]
+        await on_state(state)
