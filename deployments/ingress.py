@@ -299,9 +299,9 @@ class Ingress:
         )
         opening = await _first_message(stream)
         self.metrics.ttft.labels(req.model).observe(time.perf_counter() - started)
-        first = opening.deltas if opening else None
+        first = None
         if opening is not None:
-            served = opening.served_by
+            first, served = opening.deltas, opening.served_by
             self.metrics.engine_requests.labels(req.model, served.replica, served.adapter).inc()
             self.metrics.engine_ttft.labels(req.model).observe(served.first_token_s)
         if req.stream:
