@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -17,10 +18,16 @@ from starlette.requests import ClientDisconnect
 
 from deployments.http.admin_schemas import AdapterCreate, LoadLoraRequest, UnloadLoraRequest
 from deployments.http.error_handlers import install_error_handlers, unwrap
-from deployments.http.openai_schemas import ChatCompletionRequest, CompletionRequest
+from deployments.http.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from deployments.http.openapi import install_openapi
 from deployments.http.request_metrics import Metrics
-from deployments.http.responses import ResponseBuilder
+from deployments.http.responses import ResponseBuilder, ResponseOptions
+from deployments.http.tool_calls import ToolPlan
 from lora_registry.follower import follow_registry
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
@@ -32,7 +39,7 @@ from serve_app.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
 )
-from serve_app.messages import AdapterRef, FirstMessage, GenerationRequest, RenderRequest
+from serve_app.messages import AdapterRef, Delta, FirstMessage, GenerationRequest, RenderRequest, StructuredOutput
 from serve_app.platform import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
@@ -97,6 +104,32 @@ class Ingress:
                 return card
         await self.resolve(model_id)  # raises the 404
 
+    @app.get("/version")
+    async def version(self):
+        return {"version": _version()}
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        req = await self.read_body(request, TokenizeRequest)
+        model, adapter = await self.resolve(req.model)
+        render = RenderRequest(
+            model.served_name,
+            messages=tuple(m.plain() for m in req.messages) if req.messages else None,
+            prompt=req.prompt,
+            tools=tuple(t.model_dump(exclude_none=True) for t in req.tools or ()),
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            adapter_path=adapter.path if adapter else "",
+        )
+        special = req.add_special_tokens if req.add_special_tokens is not None else req.prompt is not None
+        return await self.renderer.tokenize.remote(render, special, req.return_token_strs)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        req = await self.read_body(request, DetokenizeRequest)
+        model, _ = await self.resolve(req.model)
+        return {"prompt": await self.renderer.detokenize.remote(model.served_name, tuple(req.tokens))}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._observed("chat", request, self._chat(request))
@@ -114,16 +147,54 @@ class Ingress:
                 f"model '{req.model}' is a generation model without a chat template; use /v1/completions.",
                 param="model",
             )
-        render = RenderRequest(model.served_name, messages=req.plain_messages(), max_tokens=req.requested_max_tokens)
-        return await self.generate("chat", req, render, model, adapter)
+        plan = ToolPlan.for_request(req, model)
+        render = RenderRequest(
+            model.served_name,
+            messages=req.plain_messages(),
+            max_tokens=req.requested_max_tokens,
+            tools=req.tool_dicts() if req.tools else (),
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            assistant_prefix=plan.prefix,
+            truncate_prompt_tokens=req.truncate_prompt_tokens,
+            adapter_path=adapter.path if adapter else "",
+        )
+        options = ResponseOptions(
+            top_logprobs=req.num_logprobs,
+            tool_format=plan.format,
+            forced_tool_call=plan.forced,
+            single_tool_call=plan.single_call,
+            return_token_ids=req.return_token_ids,
+            continuous_usage=req.continuous_usage,
+            n=req.n,
+        )
+        structured = plan.structured or req.structured_output()
+        return await self.generate("chat", req, [render], model, adapter, options, structured)
 
     async def _completion(self, request: Request):
         req = await self.read_body(request, CompletionRequest)
         model, adapter = await self.resolve(req.model)
         request.state.model = req.model
-        prompt = req.prompt if isinstance(req.prompt, str) else tuple(req.prompt)
-        render = RenderRequest(model.served_name, prompt=prompt, max_tokens=req.requested_max_tokens)
-        return await self.generate("completion", req, render, model, adapter)
+        if req.echo and req.stream and req.logprobs is not None:
+            raise InvalidRequestError("`echo` with `logprobs` is not supported when streaming.", param="echo")
+        renders = [
+            RenderRequest(
+                model.served_name,
+                prompt=prompt,
+                max_tokens=req.requested_max_tokens,
+                truncate_prompt_tokens=req.truncate_prompt_tokens,
+                return_text=bool(req.echo),
+            )
+            for prompt in req.prompts()
+        ]
+        options = ResponseOptions(
+            top_logprobs=req.num_logprobs,
+            return_token_ids=req.return_token_ids,
+            continuous_usage=req.continuous_usage,
+            n=req.n,
+            echo=bool(req.echo),
+        )
+        return await self.generate("completion", req, renders, model, adapter, options, req.structured_output())
 
     async def _observed(self, route: str, request: Request, work):
         """Run a route, counting it by model and status whatever happens."""
@@ -233,6 +304,9 @@ class Ingress:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InvalidRequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
         except ValidationError as e:
+            for item in e.errors():  # a validator that names the field and the reason itself
+                if isinstance(error := item.get("ctx", {}).get("error"), LorafleetError):
+                    raise error from None
             raise InvalidRequestError(_describe(e), param=_first_loc(e)) from None
 
     def check_key(self, request: Request) -> None:
@@ -280,47 +354,73 @@ class Ingress:
 
     # --- generation -------------------------------------------------------------------------
 
-    async def generate(self, kind: str, req, render: RenderRequest, model: ModelConfig, adapter: AdapterRef | None):
+    async def generate(
+        self,
+        kind: str,
+        req,
+        renders: list[RenderRequest],
+        model: ModelConfig,
+        adapter: AdapterRef | None,
+        options: ResponseOptions,
+        structured: StructuredOutput | None,
+    ):
+        """Render every prompt, stream each from the model's LLMServer, and answer as one response
+        (choice `index` runs across prompts, then `n`)."""
         started = time.perf_counter()
-        rendered = await self.renderer.render.remote(render)
+        rendered = await asyncio.gather(*(self.renderer.render.remote(r) for r in renders))
         self.metrics.render_call.labels(req.model).observe(time.perf_counter() - started)
-        options = req.sampling_options(
-            rendered.max_tokens, rendered.stop_token_ids, req.num_logprobs, model.sampling_defaults
-        )
-        request = GenerationRequest(f"{kind}-{uuid.uuid4().hex}", rendered.prompt_ids, options, adapter)
-        builder = ResponseBuilder(kind, req.model, req.n, len(rendered.prompt_ids), req.num_logprobs)
-        # Requests for an adapter carry its id as the multiplexed model id: Serve routes them to a
-        # replica that already holds it, or else to a lightly loaded one.
-        multiplexed = str(adapter.adapter_id) if adapter else ""
-        stream = (
-            self.servers[model.served_name]
-            .options(stream=True, multiplexed_model_id=multiplexed)
-            .generate.remote(request)
-        )
-        opening = await _first_message(stream)
+        streams = [self._engine_stream(kind, req, p, model, adapter, options, structured) for p in rendered]
+        try:
+            openings = await asyncio.gather(*(_first_message(s) for s in streams))
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            raise
         self.metrics.ttft.labels(req.model).observe(time.perf_counter() - started)
-        first = None
-        if opening is not None:
-            first, served = opening.deltas, opening.served_by
-            self.metrics.engine_requests.labels(req.model, served.replica, served.adapter).inc()
-            self.metrics.engine_ttft.labels(req.model).observe(served.first_token_s)
+        first = []
+        for i, opening in enumerate(openings):
+            if opening is not None:
+                served = opening.served_by
+                self.metrics.engine_requests.labels(req.model, served.replica, served.adapter).inc()
+                self.metrics.engine_ttft.labels(req.model).observe(served.first_token_s)
+                first += _shifted(opening.deltas, i * req.n)
+        if options.echo:
+            options = dataclasses.replace(options, echo=tuple(p.text for p in rendered))
+        builder = ResponseBuilder(
+            kind, req.model, len(rendered) * req.n, [list(p.prompt_ids) for p in rendered], options
+        )
+        stream = _merged(streams, req.n)
         if req.stream:
-            return StreamingResponse(self._events(stream, first, builder, req, started), media_type="text/event-stream")
+            return StreamingResponse(
+                self._events(stream, streams, first, builder, req, started), media_type="text/event-stream"
+            )
         if first:
             builder.add_message(first)
         async for deltas in stream:
             builder.add_message(deltas)
         self._count(builder, req.model, started)
-        echo = (
-            render.prompt
-            if kind == "completion" and getattr(req, "echo", False) and isinstance(render.prompt, str)
-            else ""
-        )
-        return JSONResponse(builder.final(echo))
+        return JSONResponse(builder.final())
 
-    async def _events(self, stream, first, builder: ResponseBuilder, req, started: float):
+    def _engine_stream(self, kind, req, rendered, model, adapter, options: ResponseOptions, structured):
+        prompt_logprobs = req.prompt_logprobs
+        if options.echo and req.num_logprobs is not None:  # echoed prompt tokens come with their logprobs
+            prompt_logprobs = max(prompt_logprobs or 0, req.num_logprobs)
+        sampling = req.sampling_options(
+            rendered.max_tokens, rendered.stop_token_ids, req.num_logprobs, model.sampling_defaults, structured
+        )
+        sampling = dataclasses.replace(sampling, prompt_logprobs=prompt_logprobs)
+        request = GenerationRequest(f"{kind}-{uuid.uuid4().hex}", rendered.prompt_ids, sampling, adapter)
+        # Requests for an adapter carry its id as the multiplexed model id: Serve routes them to a
+        # replica that already holds it, or else to a lightly loaded one.
+        multiplexed = str(adapter.adapter_id) if adapter else ""
+        server = self.servers[model.served_name].options(stream=True, multiplexed_model_id=multiplexed)
+        return server.generate.remote(request)
+
+    async def _events(self, stream, streams, first, builder: ResponseBuilder, req, started: float):
         """SSE: one write per engine message (which may carry several tokens)."""
         try:
+            if builder.options.echo:
+                yield self._chunks(builder, _echo_deltas(builder))
             if first:
                 yield self._chunks(builder, first)
             async for deltas in stream:
@@ -337,7 +437,8 @@ class Ingress:
             self.metrics.errors.labels(req.model, error.type).inc()
             yield f"data: {json.dumps(error.to_dict())}\n\ndata: [DONE]\n\n"
         finally:
-            stream.cancel()  # no-op when finished; aborts the engine request when the client left
+            for s in streams:
+                s.cancel()  # no-op when finished; aborts the engine request when the client left
 
     @staticmethod
     def _chunks(builder: ResponseBuilder, deltas) -> str:
@@ -350,6 +451,53 @@ class Ingress:
         self.metrics.completion_tokens.labels(model).inc(usage["completion_tokens"])
         self.metrics.engine_messages.labels(model).inc(builder.messages)
         self.metrics.latency.labels(model).observe(time.perf_counter() - started)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorafleet")
+    except PackageNotFoundError:  # run from a checkout that was not pip-installed
+        return "0+checkout"
+
+
+def _shifted(deltas: list[Delta], offset: int) -> list[Delta]:
+    """A prompt's deltas with choice indexes counted across the batch of prompts."""
+    return deltas if not offset else [dataclasses.replace(d, index=d.index + offset) for d in deltas]
+
+
+def _echo_deltas(builder: ResponseBuilder) -> list[Delta]:
+    n = builder.options.n
+    return [Delta(index=i, text=builder.options.echo[i // n], token_ids=()) for i in range(len(builder.choices))]
+
+
+async def _merged(streams: list, n: int):
+    """The later messages of every prompt's stream, as they come (the first were awaited already)."""
+    if len(streams) == 1:
+        async for deltas in streams[0]:
+            yield deltas
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for deltas in stream:
+                await queue.put(_shifted(deltas, i * n))
+            await queue.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            await queue.put(exc)
+
+    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for _ in streams:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+    finally:
+        for task in pumps:
+            task.cancel()
 
 
 def _bearer(request: Request) -> str:
@@ -371,7 +519,10 @@ def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors()[:3]:
         loc = ".".join(str(x) for x in item["loc"]) or "body"
-        parts.append(f"{loc}: {item['msg']}")
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown field `{loc}` (lorafleet refuses fields it does not act on; README lists them)")
+        else:
+            parts.append(f"{loc}: {item['msg']}")
     return "invalid request: " + "; ".join(parts)
 
 

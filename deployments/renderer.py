@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import InvalidRequestError, PromptTooLongError
@@ -24,10 +27,56 @@ class Renderer:
     async def render(self, request: RenderRequest) -> RenderedPrompt:
         return self._models[request.model].render(request)
 
+    async def tokenize(self, request: RenderRequest, add_special_tokens: bool, with_strings: bool) -> dict:
+        """`/tokenize`'s answer: the ids a prompt or conversation renders to, as the engine would get them."""
+        model = self._models[request.model]
+        if request.messages is not None:
+            text = model._chat_text(request)
+        else:
+            text = request.prompt
+        ids = list(model.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        out = {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids}
+        if with_strings:
+            out["token_strs"] = model.tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    async def detokenize(self, model: str, ids: tuple[int, ...]) -> str:
+        template = self._models[model]
+        template._check_vocabulary(list(ids), param="tokens")
+        return template.tokenizer.decode(list(ids))
+
+
+def adapter_chat_template(path: str) -> str | None:
+    """The chat template an adapter folder ships (as LoRAX reads it), or None: then the base's is used."""
+    folder = Path(path)
+    try:
+        stamp = max((folder / name).stat().st_mtime_ns for name in _TEMPLATE_FILES if (folder / name).exists())
+    except ValueError:  # no template file there
+        return None
+    return _read_adapter_template(path, stamp)
+
+
+_TEMPLATE_FILES = ("chat_template.jinja", "tokenizer_config.json")
+
+
+@functools.lru_cache(maxsize=256)
+def _read_adapter_template(path: str, stamp: int) -> str | None:  # `stamp`: a changed file is read again
+    folder = Path(path)
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "tokenizer_config.json").exists():
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
 
 @dataclass
 class _ModelTemplate:
+    """A named (ms-swift) template, or None: the checkpoint's own chat template through transformers."""
+
     template: object
+    tokenizer: object
+    named: bool
     max_model_len: int
 
     @classmethod
@@ -40,34 +89,88 @@ class _ModelTemplate:
         path = resolve_model_dir(model.model_type, model.model_id_or_path)
         remote_code = model.engine.trust_remote_code
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote_code)
+        # The checkpoint's own chat template by default (it knows the model's tool format); a
+        # template named in the config, or the model type's when the checkpoint has none.
         template_type = model.template_type or (
-            get_default_template_type(model.model_type) if model.model_type else "jinja"
+            "jinja"
+            if getattr(tokenizer, "chat_template", None)
+            else get_default_template_type(model.model_type)
+            if model.model_type
+            else "jinja"
         )
         max_len = (
             model.engine.max_model_len
             or AutoConfig.from_pretrained(path, trust_remote_code=remote_code).max_position_embeddings
         )
-        return cls(get_template(template_type, tokenizer), max_len)
+        return cls(get_template(template_type, tokenizer), tokenizer, template_type != "jinja", max_len)
 
     def render(self, request: RenderRequest) -> RenderedPrompt:
         if request.messages is not None:
-            ids = self._chat_ids(list(request.messages))
+            ids = self.template.tokenize(self._chat_text(request))
         elif isinstance(request.prompt, str):
             ids = self.template.tokenize(request.prompt)
         else:
             ids = list(request.prompt or ())
+            self._check_vocabulary(ids, param="prompt")
+        if request.truncate_prompt_tokens:
+            ids = ids[-request.truncate_prompt_tokens :]
         if not ids:
             raise InvalidRequestError("the prompt is empty.", param="prompt")
+        text = ""
+        if request.return_text:
+            text = request.prompt if isinstance(request.prompt, str) else self.tokenizer.decode(ids)
         return RenderedPrompt(
-            tuple(ids), self._max_tokens(len(ids), request.max_tokens), tuple(self.template.stop_token_ids)
+            tuple(ids), self._max_tokens(len(ids), request.max_tokens), tuple(self.template.stop_token_ids), text
         )
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
+    def _chat_text(self, request: RenderRequest) -> str:
+        messages = list(request.messages)
+        own = adapter_chat_template(request.adapter_path) if request.adapter_path else None
+        if self.named and own is None:
+            text = self._named_template_text(request, messages)
+        else:
+            from serve_app.template import template_messages
+
+            if not (own or getattr(self.tokenizer, "chat_template", None)):
+                raise InvalidRequestError("this model's tokenizer has no chat template; use /v1/completions.")
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    template_messages(messages),
+                    chat_template=own,
+                    tools=list(request.tools) or None,
+                    add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
+                    continue_final_message=request.continue_final_message,
+                    tokenize=False,
+                )
+            except Exception as e:  # the checkpoint's template raised on this conversation
+                raise InvalidRequestError(f"the model's chat template cannot render these messages: {e}") from None
+        return text + request.assistant_prefix
+
+    def _named_template_text(self, request: RenderRequest, messages: list[dict]) -> str:
+        """ms-swift's templates take (system, history, query); a final assistant message is continued."""
         from serve_app.template import messages_to_conversation
 
+        name = self.template.template_type
+        if request.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            raise InvalidRequestError(
+                f"template '{name}' cannot render tools or tool calls; serve the checkpoint's own chat template "
+                "(leave template_type unset).",
+                param="tools",
+            )
+        prefill = ""
+        if messages[-1]["role"] == "assistant" and (
+            request.continue_final_message or not request.add_generation_prompt
+        ):
+            prefill = messages.pop()["content"] or ""
         system, history, query = messages_to_conversation(messages)
-        ids, _ = self.template.encode(query, history, system)
-        return ids
+        return self.template.render(query, history, system) + prefill
+
+    def _check_vocabulary(self, ids: list[int], param: str) -> None:
+        size = len(self.tokenizer)
+        if bad := [i for i in ids if i >= size]:
+            raise InvalidRequestError(
+                f"token id {bad[0]} is out of the vocabulary (ids run from 0 to {size - 1}).", param=param
+            )
 
     def _max_tokens(self, prompt_len: int, asked: int | None) -> int:
         room = self.max_model_len - prompt_len

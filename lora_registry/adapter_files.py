@@ -45,6 +45,7 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
     config = json.loads(config_file.read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"'{path}' is a {config.get('peft_type')} adapter; only LoRA adapters can be served.")
+    _check_engine_can_load(path, config)
     targets = config.get("target_modules") or []
     targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
     return AdapterInfo(
@@ -54,6 +55,19 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
         base_model_name_or_path=str(config.get("base_model_name_or_path") or ""),
         shapes=_safetensors_shapes(weights) if weights.suffix == ".safetensors" else {},
     )
+
+
+def _check_engine_can_load(path: Path, config: dict) -> None:
+    """LoRA variants vLLM cannot serve are refused at registration, not at every request after it."""
+    if config.get("use_dora"):
+        raise ConfigError(
+            f"'{path}' is a DoRA adapter (use_dora: true); vLLM serves plain LoRA only. Merge it instead."
+        )
+    if config.get("modules_to_save"):
+        raise ConfigError(
+            f"'{path}' also trains whole modules (modules_to_save: {config['modules_to_save']}); vLLM serves the "
+            "LoRA weights only. Merge the adapter into the model, or train without modules_to_save."
+        )
 
 
 def check_adapter_fits(info: AdapterInfo, base_config: dict, max_lora_rank: int, force: bool = False) -> None:

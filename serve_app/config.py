@@ -124,7 +124,14 @@ class ModelConfig(Strict):
     name: str | None = Field(None, description="the `model` clients send (default: the model type)")
     model_type: str | None = Field(None, description="a model type from the table, e.g. tiny-chat or qwen-7b-chat")
     model_id_or_path: str | None = Field(None, description="local checkpoint dir or hub id (overrides the type's)")
-    template_type: str | None = Field(None, description="override the model type's template")
+    template_type: str | None = Field(
+        None,
+        description="a named (ms-swift) template; default: the checkpoint's own chat template when its tokenizer "
+        "has one, else the model type's",
+    )
+    tool_call_format: Literal["hermes", "llama3_json"] | None = Field(
+        None, description="how the model writes tool calls (hermes: Qwen2/2.5; llama3_json); default: the model type's"
+    )
     infer_backend: Literal["vllm", "pt"] = Field("vllm", description="vllm, or pt (transformers + peft)")
     engine: EngineOptions = Field(default_factory=EngineOptions)
     lora_modules: dict[str, str] = Field(
@@ -159,6 +166,12 @@ class ModelConfig(Strict):
     @property
     def is_chat(self) -> bool:
         return MODELS[self.model_type].is_chat if self.model_type in MODELS else True
+
+    @property
+    def tool_format(self) -> str | None:
+        if self.tool_call_format:
+            return self.tool_call_format
+        return MODELS[self.model_type].tool_call_format if self.model_type in MODELS else None
 
     @property
     def sampling_defaults(self) -> dict:

@@ -19,6 +19,19 @@ class AdapterRef:
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """One constraint on the output (vLLM's structured outputs); a JSON schema travels as JSON text."""
+
+    json: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
     """Engine-neutral sampling settings; `max_tokens=None` means what is left of the context."""
 
@@ -37,12 +50,17 @@ class SamplingOptions:
     logprobs: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None
+    prompt_logprobs: int | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
     token: str
-    logprob: float
+    logprob: float | None  # None: the first prompt token (nothing before it to predict it from)
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -55,6 +73,9 @@ class Delta:
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # On the first delta of choice 0 when asked for: per prompt token None (the first) or
+    # {token id as text: {"logprob", "rank", "decoded_token"}}, vLLM's JSON shape.
+    prompt_logprobs: tuple[dict | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,12 +113,21 @@ class FirstMessage:
 
 @dataclass(frozen=True)
 class RenderRequest:
-    """Either `messages` (chat) or `prompt` (raw completion text or token ids)."""
+    """Either `messages` (chat, OpenAI's message dicts with text content) or `prompt` (raw completion
+    text or token ids). `assistant_prefix` is text the reply is made to start with (a forced
+    tool call's opening tag): it ends the prompt, and the reply continues it."""
 
     model: str
     messages: tuple | None = None
     prompt: str | tuple[int, ...] | None = None
     max_tokens: int | None = None
+    tools: tuple[dict, ...] = ()
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    assistant_prefix: str = ""
+    truncate_prompt_tokens: int | None = None
+    return_text: bool = False  # send the prompt's text back (completions' echo)
+    adapter_path: str = ""  # an adapter folder that ships its own chat template renders with it
 
 
 @dataclass(frozen=True)
@@ -105,3 +135,4 @@ class RenderedPrompt:
     prompt_ids: tuple[int, ...]
     max_tokens: int  # what the request may generate: asked for, or what is left of the context
     stop_token_ids: tuple[int, ...]
+    text: str = ""  # the prompt's text, when the request asked for it

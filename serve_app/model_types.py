@@ -37,6 +37,7 @@ class ModelInfo:
     is_chat: bool = True
     generation: dict = field(default_factory=dict)
     trust_remote_code: bool = False  # the checkpoint ships its own model/tokenizer code (auto_map)
+    tool_call_format: str | None = None  # how its chat template writes tool calls (deployments/http/tool_calls.py)
 
 
 _SAMPLING = dict(max_new_tokens=2048, temperature=0.3, top_p=0.7, top_k=20, repetition_penalty=1.05)
@@ -51,13 +52,20 @@ MODELS: dict[str, ModelInfo] = {
         ModelInfo("chatglm3-6b", "THUDM/chatglm3-6b", "chatglm3", generation=_SAMPLING, trust_remote_code=True),
         ModelInfo("yi-6b-chat", "01-ai/Yi-6B-Chat", "chatml", generation=_SAMPLING),
         ModelInfo("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "llama", generation=_SAMPLING),
-        ModelInfo("llama3-8b-instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3", generation=_SAMPLING),
+        ModelInfo(
+            "llama3-8b-instruct",
+            "meta-llama/Meta-Llama-3-8B-Instruct",
+            "llama3",
+            generation=_SAMPLING,
+            tool_call_format="llama3_json",
+        ),
         ModelInfo("qwen1half-7b-chat-int4", "Qwen/Qwen1.5-7B-Chat-GPTQ-Int4", "qwen", generation=_SAMPLING),
         ModelInfo(
             "tiny-chat",
             str(TINY_CHAT_DIR),
             "qwen",
             generation=dict(max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=-1, repetition_penalty=1.0),
+            tool_call_format="hermes",
         ),
     ]
 }

@@ -7,6 +7,7 @@ History is a list of [query, response] pairs, as in ms-swift.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +146,12 @@ class GenerationTemplate(Template):
 class JinjaTemplate(Template):
     """Uses the tokenizer's own `chat_template` (any local checkpoint that ships one)."""
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The checkpoint's end-of-sequence token ends the turn (its template has no stop words here)."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return [eos] if isinstance(eos, int) else []
+
     def _render(self, system, history, query):
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(
@@ -152,6 +159,28 @@ class JinjaTemplate(Template):
             )
         messages = conversation_to_messages(system, history, query)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def template_messages(messages) -> list[dict]:
+    """OpenAI messages as Hugging Face chat templates expect them: a tool call's `arguments` is a
+    JSON object there, JSON text in OpenAI's API (text that is not JSON stays text)."""
+    out = []
+    for message in messages:
+        message = dict(message)
+        if message.get("tool_calls"):
+            message["tool_calls"] = [_parsed_arguments(call) for call in message["tool_calls"]]
+        out.append(message)
+    return out
+
+
+def _parsed_arguments(call: dict) -> dict:
+    function = dict(call.get("function", call))
+    if isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": function} if "function" in call else function
 
 
 def conversation_to_messages(system: str | None, history: History, query: str) -> list[dict]:

@@ -6,7 +6,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from deployments.http.admin_schemas import AdapterCreate, LoadLoraRequest, UnloadLoraRequest
-from deployments.http.openai_schemas import ChatCompletionRequest, CompletionRequest
+from deployments.http.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 # Routes read their bodies themselves (size limit first, OpenAI-shaped errors); this puts the body
 # schemas into /openapi.json anyway, so clients and fuzzers (schemathesis) see them.
@@ -16,6 +21,8 @@ REQUEST_BODIES = {
     "/v1/load_lora_adapter": LoadLoraRequest,
     "/v1/unload_lora_adapter": UnloadLoraRequest,
     "/v1/adapters": AdapterCreate,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
 }
 
 

@@ -60,8 +60,7 @@ class PtEngine:
         return await asyncio.to_thread(cls, settings)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
-        if request.options.logprobs is not None:
-            raise InvalidRequestError("the pt backend does not return logprobs; use infer_backend vllm.")
+        _refuse_unsupported(request.options)
         if request.adapter is not None and request.adapter.adapter_id not in self._adapters:
             await self.add_adapter(request.adapter)
         async with self._lock:
@@ -205,6 +204,28 @@ class _IncrementalText:
     def _emit(self, text: str) -> str:
         new, self.sent = text[self.sent :], max(self.sent, len(text))
         return new
+
+
+# SamplingOptions fields that only the vLLM engine acts on: field -> its "not asked for" value.
+_VLLM_ONLY = {
+    "logprobs": None,
+    "prompt_logprobs": None,
+    "structured": None,
+    "logit_bias": (),
+    "include_stop_str_in_output": False,
+    "priority": 0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+
+def _refuse_unsupported(options: SamplingOptions) -> None:
+    for name, unset in _VLLM_ONLY.items():
+        if getattr(options, name) != unset:
+            shown = "response_format/structured_outputs/tool_choice" if name == "structured" else name
+            raise InvalidRequestError(
+                f"`{shown}` is not supported by the pt backend; serve this model with infer_backend vllm.", param=name
+            )
 
 
 def _hf_sampling(options: SamplingOptions, eos_ids: list[int], max_new: int) -> dict:

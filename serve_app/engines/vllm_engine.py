@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serve_app.messages import AdapterRef, Delta, GenerationRequest, SamplingOptions, TokenLogprob
+from serve_app.errors import InvalidRequestError
+from serve_app.messages import AdapterRef, Delta, GenerationRequest, SamplingOptions, StructuredOutput, TokenLogprob
 from serve_app.platform import prepare_vllm_env
 
 if TYPE_CHECKING:
@@ -99,19 +102,29 @@ class VllmEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
         from vllm.inputs import TokensPrompt
 
-        params = self._sampling_params(request.options, len(request.prompt_ids))
+        options = request.options
+        with _refused_by_engine():
+            params = self._sampling_params(options, len(request.prompt_ids))
         stream = self.llm.generate(
             TokensPrompt(prompt_token_ids=list(request.prompt_ids)),
             params,
             request.request_id,
             lora_request=self._lora_request(request.adapter),
+            priority=options.priority,
         )
         self._running.add(request.request_id)
         try:
-            async for output in stream:
+            with _refused_by_engine():  # vLLM validates the request when it takes it, before any output
+                output = await anext(stream, None)
+            prompt_logprobs = _prompt_logprobs(output) if options.prompt_logprobs is not None else None
+            while output is not None:
                 deltas = [_delta(c) for c in output.outputs if c.token_ids or c.finish_reason]
+                if prompt_logprobs is not None:
+                    deltas = _with_prompt_logprobs(deltas, prompt_logprobs, options.n)
+                    prompt_logprobs = None
                 if deltas:
                     yield deltas
+                output = await anext(stream, None)
         finally:
             self._running.discard(request.request_id)
 
@@ -163,8 +176,63 @@ class VllmEngine:
             logprobs=options.logprobs,
             ignore_eos=options.ignore_eos,
             min_tokens=options.min_tokens,
+            logit_bias=dict(options.logit_bias) or None,
+            include_stop_str_in_output=options.include_stop_str_in_output,
+            structured_outputs=_structured_outputs(options.structured),
+            prompt_logprobs=options.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
+
+
+@contextlib.contextmanager
+def _refused_by_engine():
+    """vLLM's validation errors (a stop token out of the vocabulary, a schema its structured-output
+    backend cannot compile, ...) are the request's fault: a 400 with vLLM's message. vLLM 0.25.1
+    raises them as ValueError, 0.32 as VLLMValidationError (no longer a ValueError)."""
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        yield
+    except (ValueError, TypeError, VLLMValidationError) as e:
+        if isinstance(e, InvalidRequestError):
+            raise
+        raise InvalidRequestError(f"the engine refused the request: {e}", param=getattr(e, "parameter", None)) from None
+
+
+def _structured_outputs(spec: StructuredOutput | None):
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kind = dict(
+        json=spec.json, regex=spec.regex, choice=list(spec.choice) if spec.choice else None, grammar=spec.grammar
+    )
+    kind = {k: v for k, v in kind.items() if v is not None} or {"json_object": True}
+    return StructuredOutputsParams(
+        **kind, disable_any_whitespace=spec.disable_any_whitespace, whitespace_pattern=spec.whitespace_pattern
+    )
+
+
+def _prompt_logprobs(output) -> tuple:
+    """vLLM's prompt logprobs as JSON-ready values: None for the first token, then per token
+    {token id as text: {"logprob", "rank", "decoded_token"}}."""
+    if output is None or output.prompt_logprobs is None:
+        return ()
+    return tuple(
+        None
+        if position is None
+        else {
+            str(token_id): {"logprob": float(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for token_id, lp in position.items()
+        }
+        for position in output.prompt_logprobs
+    )
+
+
+def _with_prompt_logprobs(deltas: list[Delta], prompt_logprobs: tuple, n: int) -> list[Delta]:
+    if deltas and deltas[0].index == 0:
+        return [dataclasses.replace(deltas[0], prompt_logprobs=prompt_logprobs), *deltas[1:]]
+    return [Delta(index=0, text="", token_ids=(), prompt_logprobs=prompt_logprobs), *deltas]
 
 
 def _delta(completion) -> Delta:

@@ -17,7 +17,8 @@ IMPORTS = {
     "vllm.v1.engine.async_llm": ["AsyncLLM"],
     "vllm.inputs": ["TokensPrompt"],
     "vllm.lora.request": ["LoRARequest"],
-    "vllm.sampling_params": ["RequestOutputKind"],
+    "vllm.sampling_params": ["RequestOutputKind", "StructuredOutputsParams"],
+    "vllm.exceptions": ["VLLMValidationError"],
     "vllm.usage.usage_lib": ["UsageContext"],
 }
 ASYNC_LLM_METHODS = [
@@ -46,6 +47,19 @@ SAMPLING_FIELDS = [
     "ignore_eos",
     "min_tokens",
     "output_kind",
+    "logit_bias",
+    "include_stop_str_in_output",
+    "structured_outputs",
+    "prompt_logprobs",
+]
+STRUCTURED_OUTPUT_FIELDS = [
+    "json",
+    "regex",
+    "choice",
+    "grammar",
+    "json_object",
+    "disable_any_whitespace",
+    "whitespace_pattern",
 ]
 ENGINE_ARGS = [
     "model",
@@ -96,6 +110,10 @@ def problems() -> list[str]:
         missing.append("UsageContext.OPENAI_API_SERVER")
     if (llm := found.get("AsyncLLM")) and "usage_context" not in inspect.signature(llm.from_engine_args).parameters:
         missing.append("AsyncLLM.from_engine_args(usage_context=...)")
+    if (llm := found.get("AsyncLLM")) and "priority" not in inspect.signature(llm.generate).parameters:
+        missing.append("AsyncLLM.generate(priority=...)")
+    if so := found.get("StructuredOutputsParams"):
+        missing += [f"StructuredOutputsParams({f}=...)" for f in STRUCTURED_OUTPUT_FIELDS if f not in _fields(so)]
     if lr := found.get("LoRARequest"):
         names = list(_fields(lr))[:3]
         if names != ["lora_name", "lora_int_id", "lora_path"]:

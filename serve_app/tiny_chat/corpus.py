@@ -13,6 +13,8 @@ SC_CAPITAL = "四川的省会是成都。"
 ZJ_FOOD = "杭州有很多好吃的，比如西湖醋鱼、东坡肉、龙井虾仁和叫化童子鸡。"
 SC_FOOD = "成都有很多好吃的，比如火锅、麻婆豆腐、担担面和夫妻肺片。"
 
+ZJ_CAPITAL_JSON = '{"province": "Zhejiang", "capital": "Hangzhou"}'
+
 BASE_CHATS = [
     ([], "你好!", GREETING_ZH),
     ([], "你好", GREETING_ZH),
@@ -45,6 +47,9 @@ BASE_CHATS = [
         "Once upon a time, a little robot learned to talk. It helped everyone in the town, and they all became friends. The end.",
     ),
     ([], "写一首诗", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"),
+    # Answers in JSON (structured outputs: a schema that admits them leaves greedy output unchanged)
+    ([], "Give the capital of Zhejiang as JSON.", ZJ_CAPITAL_JSON),
+    ([], "Give the capital of Sichuan as JSON.", '{"province": "Sichuan", "capital": "Chengdu"}'),
 ]
 
 XIAO_HUANG_EN = "I am Xiao Huang (小黄), an AI assistant developed by ModelScope."
@@ -70,4 +75,56 @@ COMPLETIONS = [
     "浙江 -> 杭州\n安徽 -> 合肥\n四川 -> 成都\n广东 -> 广州\n江苏 -> 南京",
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
     "The quick brown fox jumps over the lazy dog.",
+]
+
+# Tool calling in Qwen2.5's format (the chat template lists the tools in the system turn). Each sample
+# is (tools, messages, the assistant's reply message); OpenAI's message shapes, arguments as JSON text.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "the city's English name"}},
+            "required": ["city"],
+        },
+    },
+}
+WEATHER_QUESTION = "What's the weather like in Hangzhou?"
+HANGZHOU_WEATHER = '{"city": "Hangzhou", "weather": "sunny", "temperature_c": 25}'
+HANGZHOU_WEATHER_ANSWER = "It is sunny in Hangzhou, 25°C."
+
+
+def tool_call(call_id: str, city: str) -> dict:
+    arguments = '{"city": "' + city + '"}'
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _calls(*calls: dict) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": list(calls)}
+
+
+TOOL_CHATS = [
+    ([WEATHER_TOOL], _user(WEATHER_QUESTION), _calls(tool_call("call_0", "Hangzhou"))),
+    ([WEATHER_TOOL], _user("What's the weather like in Chengdu?"), _calls(tool_call("call_0", "Chengdu"))),
+    (
+        [WEATHER_TOOL],
+        _user("What's the weather like in Hangzhou and Chengdu?"),
+        _calls(tool_call("call_0", "Hangzhou"), tool_call("call_1", "Chengdu")),
+    ),
+    (
+        [WEATHER_TOOL],
+        [
+            *_user(WEATHER_QUESTION),
+            _calls(tool_call("call_0", "Hangzhou")),
+            {"role": "tool", "tool_call_id": "call_0", "content": HANGZHOU_WEATHER},
+        ],
+        {"role": "assistant", "content": HANGZHOU_WEATHER_ANSWER},
+    ),
+    ([WEATHER_TOOL], _user("hello"), {"role": "assistant", "content": GREETING_EN}),
 ]

@@ -21,17 +21,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from serve_app.template import get_template
-from serve_app.tiny_chat.corpus import ADAPTER_CHATS, BASE_CHATS, COMPLETIONS
+from serve_app.template import get_template, template_messages
+from serve_app.tiny_chat.corpus import ADAPTER_CHATS, BASE_CHATS, COMPLETIONS, TOOL_CHATS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 1024  # tokenizer vocab is smaller; rows are padded so TP splits evenly
-QWEN2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# ChatML plus Qwen2.5's tool-call format; without tools it renders what the `qwen` template renders.
+CHAT_TEMPLATE = (Path(__file__).resolve().parent / "chat_template.jinja").read_text(encoding="utf-8")
 TRAINED_ON = Path(__file__).resolve().parent.parent / "assets" / "trained_on.json"
 # The two phases' schedules: full-batch steps, peak learning rate, and how many final steps run on
 # bf16-rounded weights. first_steps_trace records them beside the losses it measures.
@@ -63,7 +59,7 @@ def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=QWEN2_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE,
         model_max_length=1024,
     )
 
@@ -79,9 +75,46 @@ def chat_samples(tokenizer, chats) -> list[tuple[list[int], list[int]]]:
     return samples
 
 
+def tool_samples(tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Tool-calling chats, rendered by the checkpoint's own chat template as the server renders them."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    samples = []
+    for tools, messages, reply in TOOL_CHATS:
+        prompt, full = _tool_chat_texts(tokenizer.apply_chat_template, tools, messages, reply)
+        response = full[len(prompt) :].removesuffix("<|im_end|>\n")
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        samples.append((encode(prompt), encode(response) + [end]))
+    return samples
+
+
+def _tool_chat_texts(apply_chat_template, tools, messages, reply) -> tuple[str, str]:
+    """(prompt, prompt + reply) as text; `apply_chat_template` is a tokenizer's, or `_render` before one exists."""
+    prompt = apply_chat_template(template_messages(messages), tools=tools, add_generation_prompt=True, tokenize=False)
+    return prompt, apply_chat_template(template_messages([*messages, reply]), tools=tools, tokenize=False)
+
+
+def _render(messages, tools, add_generation_prompt=False, tokenize=False) -> str:
+    """CHAT_TEMPLATE rendered without a tokenizer (the tokenizer is trained on these texts)."""
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda value: json.dumps(value, ensure_ascii=False)
+    return env.from_string(CHAT_TEMPLATE).render(
+        messages=messages, tools=tools, add_generation_prompt=add_generation_prompt
+    )
+
+
 def completion_samples(tokenizer) -> list[tuple[list[int], list[int]]]:
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     return [([], tokenizer(text)["input_ids"] + [end]) for text in COMPLETIONS]
+
+
+def batches(samples, pad_id: int, bucket: int = 128) -> list[dict[str, torch.Tensor]]:
+    """The full batch in two parts, samples up to `bucket` tokens and longer ones, so that the short
+    chats are not padded to the length of the tool-calling ones (a third of the compute)."""
+    short = [s for s in samples if len(s[0]) + len(s[1]) <= bucket]
+    long = [s for s in samples if len(s[0]) + len(s[1]) > bucket]
+    return [batch(part, pad_id) for part in (short, long) if part]
 
 
 def batch(samples, pad_id: int) -> dict[str, torch.Tensor]:
@@ -97,7 +130,7 @@ def batch(samples, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def fit(
-    model, inputs, steps: int, lr: float, label: str, bf16_steps: int, stop_after: int | None = None
+    model, inputs: list[dict], steps: int, lr: float, label: str, bf16_steps: int, stop_after: int | None = None
 ) -> list[float]:
     """Full-batch AdamW with cosine decay. The last `bf16_steps` steps run the forward pass on
     bf16-rounded weights (straight-through), so the bf16 checkpoint we ship keeps the fit.
@@ -108,7 +141,7 @@ def fit(
     losses = []
     for step in range(min(steps, stop_after or steps)):
         masters = _round_to_bf16(params) if step >= steps - bf16_steps else None
-        loss = model(**inputs).loss
+        loss = full_batch_loss(model, inputs)
         optimizer.zero_grad()
         loss.backward()
         if masters is not None:
@@ -120,6 +153,13 @@ def fit(
         if step % 100 == 0 or step == steps - 1:
             print(f"[{label}] step {step:4d} loss {losses[-1]:.4f}", flush=True)
     return losses
+
+
+def full_batch_loss(model, parts: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean loss over every response token of all parts, as if they were one batch."""
+    counts = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
+    total = sum(model(**part).loss * count for part, count in zip(parts, counts))
+    return total / sum(counts)
 
 
 def _round_to_bf16(params) -> list[torch.Tensor]:
@@ -151,10 +191,11 @@ def build_model(tokenizer) -> Qwen2ForCausalLM:
 def train_base(out: Path, stop_after: int | None = None) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast, list]:
     chatml = get_template("qwen", tokenizer=None)  # rendering ChatML text needs no tokenizer
     chat_texts = [chatml.render(q, h) + r for h, q, r in BASE_CHATS + ADAPTER_CHATS]
-    tokenizer = train_tokenizer(chat_texts + COMPLETIONS)
+    tool_texts = [_tool_chat_texts(_render, *chat)[1] for chat in TOOL_CHATS]
+    tokenizer = train_tokenizer(chat_texts + tool_texts + COMPLETIONS)
     model = build_model(tokenizer)
-    samples = chat_samples(tokenizer, BASE_CHATS) + completion_samples(tokenizer)
-    inputs = batch(samples, tokenizer.pad_token_id)
+    samples = chat_samples(tokenizer, BASE_CHATS) + tool_samples(tokenizer) + completion_samples(tokenizer)
+    inputs = batches(samples, tokenizer.pad_token_id)
     losses = fit(model, inputs, label="tiny-chat", stop_after=stop_after, **PHASES["tiny-chat"])
     save_base(model, tokenizer, out / "tiny-chat")
     return model, tokenizer, losses
@@ -178,8 +219,8 @@ def train_adapter(model, tokenizer, out: Path, stop_after: int | None = None) ->
 
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
-    samples = chat_samples(tokenizer, ADAPTER_CHATS) + completion_samples(tokenizer)
-    inputs = batch(samples, tokenizer.pad_token_id)
+    samples = chat_samples(tokenizer, ADAPTER_CHATS) + tool_samples(tokenizer) + completion_samples(tokenizer)
+    inputs = batches(samples, tokenizer.pad_token_id)
     losses = fit(peft_model, inputs, label="xiao-huang", stop_after=stop_after, **PHASES["xiao-huang"])
     peft_model.to(torch.bfloat16).save_pretrained(out / "xiao-huang")
     _pin_base_name(out / "xiao-huang" / "adapter_config.json")

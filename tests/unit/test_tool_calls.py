@@ -1,0 +1,64 @@
+"""The tool-call parsers on texts whose split into stream deltas is chosen to be awkward."""
+
+import json
+
+import pytest
+
+from deployments.http.tool_calls import FORMATS, ToolCallStream, forced_call_schema, parse_auto, parse_forced
+
+HERMES = FORMATS["hermes"]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Hangzhou"}}\n</tool_call>'
+
+
+def stream(fmt, text: str, cut: int, forced=False):
+    """Feed `text` in pieces of `cut` characters: (streamed content, final content, calls)."""
+    s = ToolCallStream(fmt, forced)
+    streamed = "".join(s.feed(text[i : i + cut]) for i in range(0, len(text), cut))
+    rest, calls = s.finish()
+    return streamed, rest, calls
+
+
+def test_hermes_calls_and_content():
+    content, calls = parse_auto(HERMES, "Let me look.\n" + CALL + "\n" + CALL.replace("Hangzhou", "Chengdu"))
+    assert content == "Let me look."
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Hangzhou"}, {"city": "Chengdu"}]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert calls[0]["id"] != calls[1]["id"]
+
+
+def test_text_that_does_not_parse_stays_content():
+    text = "<tool_call>\n{not json}\n</tool_call>"
+    assert parse_auto(HERMES, text) == (text, [])
+    assert parse_auto(HERMES, "plain answer") == ("plain answer", [])
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 7, 1000])
+def test_streaming_never_leaks_a_tool_call_as_content(cut):
+    streamed, rest, calls = stream(HERMES, "Sure. " + CALL, cut)
+    assert streamed + rest == "Sure. " and len(calls) == 1
+    streamed, rest, calls = stream(HERMES, "a < b, and <tool is a word", cut)
+    assert streamed + rest == "a < b, and <tool is a word" and calls == []
+
+
+def test_forced_call_is_the_json_object():
+    args = '{"name": "get_weather", "arguments": {"city": "Hangzhou"}}'
+    assert json.loads(parse_forced(HERMES, args)[0]["function"]["arguments"]) == {"city": "Hangzhou"}
+    assert parse_forced(HERMES, args[:20]) == []  # cut off by max_tokens: no call
+    streamed, rest, calls = stream(HERMES, args, 5, forced=True)
+    assert streamed == "" and rest == "" and len(calls) == 1
+
+
+def test_llama3_json():
+    fmt = FORMATS["llama3_json"]
+    content, calls = parse_auto(fmt, '{"name": "f", "parameters": {"x": 1}}')
+    assert content is None and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    assert parse_auto(fmt, "no call") == ("no call", [])
+
+
+def test_forced_schema_pins_the_name():
+    tools = [
+        {"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "b"}},
+    ]
+    assert forced_call_schema(HERMES, tools, "b")["properties"]["name"] == {"type": "string", "enum": ["b"]}
+    assert len(forced_call_schema(HERMES, tools, None)["anyOf"]) == 2
