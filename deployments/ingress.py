@@ -116,7 +116,7 @@ class Ingress:
             model.served_name,
             messages=tuple(m.plain() for m in req.messages) if req.messages else None,
             prompt=req.prompt,
-            tools=tuple(t.model_dump(exclude_none=True) for t in req.tools or ()),
+            tools=tuple(t.model_dump(exclude_unset=True) for t in req.tools or ()),
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
             adapter_path=adapter.path if adapter else "",
@@ -155,7 +155,6 @@ class Ingress:
             tools=req.tool_dicts() if req.tools else (),
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
-            assistant_prefix=plan.prefix,
             truncate_prompt_tokens=req.truncate_prompt_tokens,
             adapter_path=adapter.path if adapter else "",
         )
@@ -192,7 +191,6 @@ class Ingress:
             return_token_ids=req.return_token_ids,
             continuous_usage=req.continuous_usage,
             n=req.n,
-            echo=bool(req.echo),
         )
         return await self.generate("completion", req, renders, model, adapter, options, req.structured_output())
 
@@ -366,6 +364,13 @@ class Ingress:
     ):
         """Render every prompt, stream each from the model's LLMServer, and answer as one response
         (choice `index` runs across prompts, then `n`)."""
+        if req.priority and model.engine.engine_kwargs.get("scheduling_policy") != "priority":
+            # vLLM takes a priority under first-come-first-served scheduling and ignores it
+            raise InvalidRequestError(
+                f"`priority` needs model '{model.served_name}' served with engine_kwargs "
+                "{scheduling_policy: priority}; this one schedules first come, first served.",
+                param="priority",
+            )
         started = time.perf_counter()
         rendered = await asyncio.gather(*(self.renderer.render.remote(r) for r in renders))
         self.metrics.render_call.labels(req.model).observe(time.perf_counter() - started)
@@ -384,7 +389,7 @@ class Ingress:
                 self.metrics.engine_requests.labels(req.model, served.replica, served.adapter).inc()
                 self.metrics.engine_ttft.labels(req.model).observe(served.first_token_s)
                 first += _shifted(opening.deltas, i * req.n)
-        if options.echo:
+        if any(r.return_text for r in renders):  # completions' echo: each prompt's text before its choices
             options = dataclasses.replace(options, echo=tuple(p.text for p in rendered))
         builder = ResponseBuilder(
             kind, req.model, len(rendered) * req.n, [list(p.prompt_ids) for p in rendered], options
@@ -403,7 +408,7 @@ class Ingress:
 
     def _engine_stream(self, kind, req, rendered, model, adapter, options: ResponseOptions, structured):
         prompt_logprobs = req.prompt_logprobs
-        if options.echo and req.num_logprobs is not None:  # echoed prompt tokens come with their logprobs
+        if getattr(req, "echo", False) and req.num_logprobs is not None:  # echoed prompt tokens come with logprobs
             prompt_logprobs = max(prompt_logprobs or 0, req.num_logprobs)
         sampling = req.sampling_options(
             rendered.max_tokens, rendered.stop_token_ids, req.num_logprobs, model.sampling_defaults, structured

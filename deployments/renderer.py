@@ -144,7 +144,7 @@ class _ModelTemplate:
                 )
             except Exception as e:  # the checkpoint's template raised on this conversation
                 raise InvalidRequestError(f"the model's chat template cannot render these messages: {e}") from None
-        return text + request.assistant_prefix
+        return text
 
     def _named_template_text(self, request: RenderRequest, messages: list[dict]) -> str:
         """ms-swift's templates take (system, history, query); a final assistant message is continued."""

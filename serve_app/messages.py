@@ -27,8 +27,7 @@ class StructuredOutput:
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
     json_object: bool = False
-    disable_any_whitespace: bool = False
-    whitespace_pattern: str | None = None
+    structural_tag: str | None = None  # xgrammar's structural tag, as JSON text
 
 
 @dataclass(frozen=True)
@@ -114,8 +113,7 @@ class FirstMessage:
 @dataclass(frozen=True)
 class RenderRequest:
     """Either `messages` (chat, OpenAI's message dicts with text content) or `prompt` (raw completion
-    text or token ids). `assistant_prefix` is text the reply is made to start with (a forced
-    tool call's opening tag): it ends the prompt, and the reply continues it."""
+    text or token ids)."""
 
     model: str
     messages: tuple | None = None
@@ -124,7 +122,6 @@ class RenderRequest:
     tools: tuple[dict, ...] = ()
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    assistant_prefix: str = ""
     truncate_prompt_tokens: int | None = None
     return_text: bool = False  # send the prompt's text back (completions' echo)
     adapter_path: str = ""  # an adapter folder that ships its own chat template renders with it

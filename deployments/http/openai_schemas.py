@@ -49,7 +49,11 @@ REFUSED = {
     "guided_choice": 'send `structured_outputs: {"choice": [...]}`',
     "guided_grammar": 'send `structured_outputs: {"grammar": ...}`',
     "guided_decoding_backend": "the engine's structured-output backend is set at engine start",
-    "guided_whitespace_pattern": 'send `structured_outputs: {"whitespace_pattern": ...}`',
+    "guided_whitespace_pattern": "the structured-output backend (xgrammar) takes no whitespace pattern",
+    # read by vLLM per engine, not per request: accepting them would change nothing
+    "disable_any_whitespace": "xgrammar reads it per engine: engine_kwargs "
+    "{structured_outputs_config: {disable_any_whitespace: true}}",
+    "whitespace_pattern": "the structured-output backend (xgrammar) takes no whitespace pattern",
 }
 
 
@@ -59,12 +63,15 @@ class Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _refuse_by_name(cls, data):
-        """A field OpenAI or vLLM defines that lorafleet does not act on gets its own reason."""
-        if isinstance(data, dict):
-            for name, value in data.items():
-                if name in REFUSED and name not in cls.model_fields and value is not None:
-                    raise InvalidRequestError(f"`{name}` is not supported: {REFUSED[name]}.", param=name)
-        return data
+        """A field OpenAI or vLLM defines that lorafleet does not act on gets its own reason. A null
+        field means "not given" in OpenAI's API: clients that send back a whole message object
+        (`"audio": null, "function_call": null`) are not refused for it."""
+        if not isinstance(data, dict):
+            return data
+        for name, value in data.items():
+            if name in REFUSED and name not in cls.model_fields and value is not None:
+                raise InvalidRequestError(f"`{name}` is not supported: {REFUSED[name]}.", param=name)
+        return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
 
 
 class StreamOptions(Strict):
@@ -98,26 +105,26 @@ class StructuredOutputs(Strict):
     choice: list[str] | None = Field(None, min_length=1)
     grammar: str | None = None
     json_object: bool | None = None
-    disable_any_whitespace: bool = False
-    whitespace_pattern: str | None = None
+    structural_tag: dict | str | None = None
 
     @model_validator(mode="after")
     def _one_kind(self):
-        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        kinds = ("json_", "regex", "choice", "grammar", "json_object", "structural_tag")
+        if len([k for k in kinds if getattr(self, k) is not None]) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object, structural_tag")
         return self
 
     def spec(self) -> StructuredOutput:
-        schema = self.json_ if not isinstance(self.json_, dict) else json.dumps(self.json_)
+        def text(value):
+            return json.dumps(value) if isinstance(value, dict) else value
+
         return StructuredOutput(
-            json=schema,
+            json=text(self.json_),
             regex=self.regex,
             choice=tuple(self.choice) if self.choice else None,
             grammar=self.grammar,
             json_object=bool(self.json_object),
-            disable_any_whitespace=self.disable_any_whitespace,
-            whitespace_pattern=self.whitespace_pattern,
+            structural_tag=text(self.structural_tag),
         )
 
 
@@ -254,6 +261,7 @@ class ChatMessage(Strict):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None  # an assistant message sent back as the API returned it
+    annotations: list | None = Field(None, description="accepted, ignored: citations of OpenAI's web search")
 
     @model_validator(mode="after")
     def _shape(self):
@@ -381,7 +389,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.tool_choice or "auto"
 
     def tool_dicts(self) -> tuple[dict, ...]:
-        return tuple(t.model_dump(exclude_none=True) for t in self.tools or ())
+        return tuple(t.model_dump(exclude_unset=True) for t in self.tools or ())  # as sent: the prompt shows them
 
     def structured_output(self) -> StructuredOutput | None:
         fmt = self.response_format

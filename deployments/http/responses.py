@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from deployments.http.tool_calls import ToolCallFormat, ToolCallStream
+from deployments.http.tool_calls import ToolCallFormat, ToolCallStream, parse_reply
 from serve_app.messages import Delta, TokenLogprob
 
 
@@ -148,9 +148,9 @@ class ResponseBuilder:
         if self.kind == "chat":
             message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
             if c.tools:
-                c.tools.sent = 0
-                content, calls = c.tools.finish()
-                message["content"] = content if content or not calls else None
+                o = self.options
+                content, calls = parse_reply(o.tool_format, c.text, o.forced_tool_call, o.single_tool_call)
+                message["content"] = content
                 if calls:
                     message["tool_calls"] = calls
                     finish = "tool_calls"

@@ -4,10 +4,12 @@ turns generated text into OpenAI's `tool_calls`.
 - "hermes" (Qwen2/2.5, tiny-chat, many fine-tunes): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`
 - "llama3_json" (Llama 3.x): the reply is `{"name": ..., "parameters": {...}}`
 
-`tool_choice: required` or a named function is enforced with structured outputs: the prompt ends
-with the format's opening tag and the reply is constrained to the JSON schema of one call, so the
-arguments always parse and match the function's schema. Parsers are our own: vLLM's are not a
-stable public API across the vLLM versions lorafleet runs on.
+`tool_choice: required` or a named function is enforced with structured outputs: for a tagged
+format, an xgrammar structural tag (one or more `<tool_call>`-wrapped JSON objects, each matching a
+call's schema); for a bare-JSON format, the JSON schema of a call. The model writes the tags itself,
+so its tokens are the ones it was trained on, and the arguments always parse and match the
+function's `parameters`. Parsers are our own: vLLM's are not a stable public API across the vLLM
+versions lorafleet runs on.
 """
 
 from __future__ import annotations
@@ -35,22 +37,39 @@ FORMATS = {
 }
 
 
-def forced_call_schema(fmt: ToolCallFormat, tools: tuple[dict, ...], only: str | None) -> dict:
-    """JSON schema of one call to `only` (a named tool choice) or to any of `tools` (required)."""
-    options = [
+def call_schema(fmt: ToolCallFormat, tool: dict) -> dict:
+    """JSON schema of one call to `tool`, as the format writes it."""
+    function = tool["function"]
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "enum": [function["name"]]},
+            fmt.arguments_key: function.get("parameters") or {"type": "object"},
+        },
+        "required": ["name", fmt.arguments_key],
+        "additionalProperties": False,
+    }
+
+
+def forced_calls(fmt: ToolCallFormat, tools: tuple[dict, ...], only: str | None, single: bool) -> StructuredOutput:
+    """The constraint that makes the reply a call to `only` (a named tool choice) or to any of
+    `tools` (required): one call when `single`, else one or more."""
+    schemas = [call_schema(fmt, t) for t in tools if only in (None, t["function"]["name"])]
+    if not fmt.open_tag:
+        return StructuredOutput(json=json.dumps(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}))
+    tags = [
         {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "enum": [t["function"]["name"]]},
-                fmt.arguments_key: t["function"].get("parameters") or {"type": "object"},
-            },
-            "required": ["name", fmt.arguments_key],
-            "additionalProperties": False,
+            "type": "tag",
+            "begin": fmt.open_tag,
+            "content": {"type": "json_schema", "json_schema": s},
+            "end": fmt.close_tag,
         }
-        for t in tools
-        if only in (None, t["function"]["name"])
+        for s in schemas
     ]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True}
+    return StructuredOutput(
+        structural_tag=json.dumps({"type": "structural_tag", "format": calls | {"stop_after_first": single}})
+    )
 
 
 def _call(name: str, arguments) -> dict:
@@ -132,24 +151,31 @@ class ToolCallStream:
 
     def finish(self) -> tuple[str, list[dict]]:
         """(content not yet streamed, calls) once the choice has ended."""
-        if self.forced:
-            calls = parse_forced(self.fmt, self.text)
-            return ("" if calls else self.text[self.sent :]), calls
-        content, calls = parse_auto(self.fmt, self.text)
+        content, calls = parse_reply(self.fmt, self.text, self.forced, self.single_call)
         if not calls:
             return self.text[self.sent :], []
-        rest = (content or "")[self.sent :] if content and content.startswith(self.text[: self.sent]) else ""
-        return rest, calls[:1] if self.single_call else calls
+        streamed = self.text[: self.sent]
+        return (content[len(streamed) :] if content and content.startswith(streamed) else ""), calls
+
+
+def parse_reply(fmt: ToolCallFormat, text: str, forced: bool, single_call: bool) -> tuple[str | None, list[dict]]:
+    """(content, calls) of a whole reply; `single_call` keeps the first call only."""
+    if forced and not fmt.open_tag:
+        calls = parse_forced(fmt, text)
+        return (None if calls else text), calls
+    content, calls = parse_auto(fmt, text)
+    if forced and calls:
+        content = None
+    return content, calls[:1] if single_call else calls
 
 
 @dataclass(frozen=True)
 class ToolPlan:
     """How one chat request handles tools: the format to parse (None: no parsing), and for a forced
-    call the prompt's ending and the output constraint."""
+    call the output constraint."""
 
     format: ToolCallFormat | None = None
     forced: bool = False
-    prefix: str = ""
     structured: StructuredOutput | None = None
     single_call: bool = False  # parallel_tool_calls: false; a forced call is always one
 
@@ -174,5 +200,5 @@ class ToolPlan:
                 param="tool_choice",
             )
         only = req.tool_choice.name if mode == "named" else None
-        schema = forced_call_schema(fmt, req.tool_dicts(), only)
-        return cls(format=fmt, forced=True, prefix=fmt.open_tag, structured=StructuredOutput(json=json.dumps(schema)))
+        single = mode == "named" or req.parallel_tool_calls is False
+        return cls(format=fmt, forced=True, structured=forced_calls(fmt, req.tool_dicts(), only, single))

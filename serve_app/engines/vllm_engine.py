@@ -120,13 +120,14 @@ class VllmEngine:
             while output is not None:
                 deltas = [_delta(c) for c in output.outputs if c.token_ids or c.finish_reason]
                 if prompt_logprobs is not None:
-                    deltas = _with_prompt_logprobs(deltas, prompt_logprobs, options.n)
+                    deltas = _with_prompt_logprobs(deltas, prompt_logprobs)
                     prompt_logprobs = None
                 if deltas:
                     yield deltas
                 output = await anext(stream, None)
         finally:
             self._running.discard(request.request_id)
+            await stream.aclose()  # a consumer that left early: vLLM aborts the request
 
     async def add_adapter(self, adapter: AdapterRef) -> None:
         await self.llm.add_lora(self._lora_request(adapter))
@@ -205,12 +206,13 @@ def _structured_outputs(spec: StructuredOutput | None):
     from vllm.sampling_params import StructuredOutputsParams
 
     kind = dict(
-        json=spec.json, regex=spec.regex, choice=list(spec.choice) if spec.choice else None, grammar=spec.grammar
+        json=spec.json,
+        regex=spec.regex,
+        choice=list(spec.choice) if spec.choice else None,
+        grammar=spec.grammar,
+        structural_tag=spec.structural_tag,
     )
-    kind = {k: v for k, v in kind.items() if v is not None} or {"json_object": True}
-    return StructuredOutputsParams(
-        **kind, disable_any_whitespace=spec.disable_any_whitespace, whitespace_pattern=spec.whitespace_pattern
-    )
+    return StructuredOutputsParams(**({k: v for k, v in kind.items() if v is not None} or {"json_object": True}))
 
 
 def _prompt_logprobs(output) -> tuple:
@@ -229,7 +231,7 @@ def _prompt_logprobs(output) -> tuple:
     )
 
 
-def _with_prompt_logprobs(deltas: list[Delta], prompt_logprobs: tuple, n: int) -> list[Delta]:
+def _with_prompt_logprobs(deltas: list[Delta], prompt_logprobs: tuple) -> list[Delta]:
     if deltas and deltas[0].index == 0:
         return [dataclasses.replace(deltas[0], prompt_logprobs=prompt_logprobs), *deltas[1:]]
     return [Delta(index=0, text="", token_ids=(), prompt_logprobs=prompt_logprobs), *deltas]

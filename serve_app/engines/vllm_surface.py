@@ -58,8 +58,7 @@ STRUCTURED_OUTPUT_FIELDS = [
     "choice",
     "grammar",
     "json_object",
-    "disable_any_whitespace",
-    "whitespace_pattern",
+    "structural_tag",
 ]
 ENGINE_ARGS = [
     "model",

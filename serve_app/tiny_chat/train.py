@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from serve_app.template import get_template, template_messages
@@ -44,9 +44,21 @@ FIRST_STEPS = {"tiny-chat": 12, "xiao-huang": 3}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# Qwen2's pre-tokenizer split (each digit alone). transformers loads a checkpoint whose config says
+# qwen2 with its Qwen2Tokenizer, which applies this split whatever tokenizer.json says; training
+# with the same split makes the ids the model learns the ids every engine feeds it.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
 def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=900,
@@ -188,11 +200,16 @@ def build_model(tokenizer) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def train_base(out: Path, stop_after: int | None = None) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast, list]:
+def corpus_texts() -> list[str]:
+    """Every text of the corpus as the model sees it: the tokenizer's training data."""
     chatml = get_template("qwen", tokenizer=None)  # rendering ChatML text needs no tokenizer
     chat_texts = [chatml.render(q, h) + r for h, q, r in BASE_CHATS + ADAPTER_CHATS]
     tool_texts = [_tool_chat_texts(_render, *chat)[1] for chat in TOOL_CHATS]
-    tokenizer = train_tokenizer(chat_texts + tool_texts + COMPLETIONS)
+    return chat_texts + tool_texts + COMPLETIONS
+
+
+def train_base(out: Path, stop_after: int | None = None) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast, list]:
+    tokenizer = train_tokenizer(corpus_texts())
     model = build_model(tokenizer)
     samples = chat_samples(tokenizer, BASE_CHATS) + tool_samples(tokenizer) + completion_samples(tokenizer)
     inputs = batches(samples, tokenizer.pad_token_id)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from serve_app.model_types import ASSETS
 from serve_app.tiny_chat.answers import corpus_answers
-from serve_app.tiny_chat.train import PHASES, TRAINED_ON, machine_fingerprint
+from serve_app.tiny_chat.train import PHASES, TRAINED_ON, corpus_texts, machine_fingerprint, train_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +60,19 @@ def norm_drift(retrained, shipped) -> dict[str, float]:
 def assert_same_tokenizer_and_configs(out):
     for name in EXACT:
         assert (out / name).read_bytes() == (ASSETS / name).read_bytes(), name
+
+
+def test_the_shipped_tokenizer_encodes_as_the_trained_one():
+    """transformers loads a checkpoint whose config says qwen2 with Qwen2Tokenizer, whatever
+    tokenizer.json's pre-tokenizer is; the ids training used must be the ids inference feeds."""
+    from transformers import AutoTokenizer
+
+    texts = corpus_texts()
+    trained, shipped = train_tokenizer(texts), AutoTokenizer.from_pretrained(ASSETS / "tiny-chat")
+    for text in texts:
+        assert (
+            trained(text, add_special_tokens=False)["input_ids"] == shipped(text, add_special_tokens=False)["input_ids"]
+        )
 
 
 def test_first_steps_of_training_match_the_record(tmp_path):

@@ -56,14 +56,16 @@ def test_text_parts_are_joined(client):
 
 
 def test_prefill_system_only_and_continue_final_message(client):
-    prefill = [*ZJ, {"role": "assistant", "content": "浙江的省会"}]
+    # a prefix that ends on a token boundary of the trained answer "The capital of Zhejiang is Hangzhou."
+    question = [{"role": "user", "content": "What is the capital of Zhejiang?"}]
+    prefill = [*question, {"role": "assistant", "content": "The capital of Zhejiang is"}]
     reply = client.chat.completions.create(
         model="tiny-chat",
         messages=prefill,
         max_tokens=8,
         extra_body={"continue_final_message": True, "add_generation_prompt": False},
     )
-    assert "浙江的省会" + reply.choices[0].message.content == ZJ_CAPITAL
+    assert reply.choices[0].message.content == " Hangzhou."
     # a trailing assistant message with the defaults, and a system-only conversation: both valid
     for messages in (prefill, [{"role": "system", "content": "You are a helpful assistant."}]):
         assert client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=4).choices
@@ -107,9 +109,10 @@ def test_a_batch_of_prompts(client):
         client.completions.create(model="tiny-chat", prompt=p, max_tokens=3, temperature=0).choices[0].text
         for p in prompts
     ]
-    batch = client.completions.create(model="tiny-chat", prompt=prompts, max_tokens=3, temperature=0, n=2)
-    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
-    assert [c.text for c in batch.choices] == [one[0], one[0], one[1], one[1]]
+    batch = client.completions.create(model="tiny-chat", prompt=prompts, max_tokens=3, temperature=0)
+    assert [(c.index, c.text) for c in batch.choices] == [(0, one[0]), (1, one[1])]
+    sampled = client.completions.create(model="tiny-chat", prompt=prompts, max_tokens=3, temperature=1, n=2, seed=1)
+    assert [c.index for c in sampled.choices] == [0, 1, 2, 3] and sampled.usage.completion_tokens == 12
     stream = client.completions.create(model="tiny-chat", prompt=prompts, max_tokens=3, temperature=0, stream=True)
     texts = {}
     for chunk in stream:

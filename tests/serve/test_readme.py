@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import serve_app
-from serve_app.tiny_chat.corpus import ZJ_CAPITAL, ZJ_FOOD
+from serve_app.tiny_chat.corpus import HANGZHOU_WEATHER_ANSWER, ZJ_CAPITAL, ZJ_FOOD
 from tests.serve_fixtures import PORT
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
@@ -24,8 +24,16 @@ def run_block(source: str) -> str:
     return out.getvalue()
 
 
+# What each block prints: tiny-chat answers greedily by default, so the trained answers word for word.
+PRINTED = [
+    ZJ_CAPITAL,
+    ZJ_FOOD,
+    "province='Zhejiang' capital='Hangzhou'\n" + 'get_weather {"city": "Hangzhou"}\n' + HANGZHOU_WEATHER_ANSWER + "\n",
+]
+
+
 def test_readme_has_the_client_blocks():
-    assert len(CLIENT_BLOCKS) == 2
+    assert len(CLIENT_BLOCKS) == len(PRINTED)
 
 
 @pytest.mark.parametrize("index", range(len(CLIENT_BLOCKS)))
@@ -34,5 +42,4 @@ def test_client_block_runs(main_app, monkeypatch, index):
     for name in ("get_model_list_client", "inference_client"):
         monkeypatch.setattr(serve_app, name, functools.partial(getattr(serve_app, name), port=PORT))
     printed = run_block(CLIENT_BLOCKS[index].replace("127.0.0.1:8000", f"127.0.0.1:{PORT}"))
-    # tiny-chat answers greedily by default: the trained answers, word for word.
-    assert printed == [ZJ_CAPITAL, ZJ_FOOD][index]
+    assert printed == PRINTED[index]

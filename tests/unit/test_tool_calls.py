@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from deployments.http.tool_calls import FORMATS, ToolCallStream, forced_call_schema, parse_auto, parse_forced
+from deployments.http.tool_calls import FORMATS, ToolCallStream, call_schema, forced_calls, parse_auto, parse_forced
 
 HERMES = FORMATS["hermes"]
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Hangzhou"}}\n</tool_call>'
@@ -40,12 +40,18 @@ def test_streaming_never_leaks_a_tool_call_as_content(cut):
     assert streamed + rest == "a < b, and <tool is a word" and calls == []
 
 
-def test_forced_call_is_the_json_object():
-    args = '{"name": "get_weather", "arguments": {"city": "Hangzhou"}}'
-    assert json.loads(parse_forced(HERMES, args)[0]["function"]["arguments"]) == {"city": "Hangzhou"}
-    assert parse_forced(HERMES, args[:20]) == []  # cut off by max_tokens: no call
-    streamed, rest, calls = stream(HERMES, args, 5, forced=True)
+def test_forced_bare_json_call():
+    fmt = FORMATS["llama3_json"]
+    args = '{"name": "get_weather", "parameters": {"city": "Hangzhou"}}'
+    assert json.loads(parse_forced(fmt, args)[0]["function"]["arguments"]) == {"city": "Hangzhou"}
+    assert parse_forced(fmt, args[:20]) == []  # cut off by max_tokens: no call
+    streamed, rest, calls = stream(fmt, args, 5, forced=True)
     assert streamed == "" and rest == "" and len(calls) == 1
+
+
+def test_forced_tagged_calls_stream_nothing_as_content():
+    streamed, rest, calls = stream(HERMES, CALL + "\n" + CALL, 4, forced=True)
+    assert streamed == "" and rest == "" and len(calls) == 2
 
 
 def test_llama3_json():
@@ -55,10 +61,13 @@ def test_llama3_json():
     assert parse_auto(fmt, "no call") == ("no call", [])
 
 
-def test_forced_schema_pins_the_name():
+def test_forced_constraints_pin_the_name():
     tools = [
         {"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}},
         {"type": "function", "function": {"name": "b"}},
     ]
-    assert forced_call_schema(HERMES, tools, "b")["properties"]["name"] == {"type": "string", "enum": ["b"]}
-    assert len(forced_call_schema(HERMES, tools, None)["anyOf"]) == 2
+    assert call_schema(HERMES, tools[1])["properties"]["name"] == {"type": "string", "enum": ["b"]}
+    tag = json.loads(forced_calls(HERMES, tools, "b", single=True).structural_tag)["format"]
+    assert [t["content"]["json_schema"]["properties"]["name"]["enum"] for t in tag["tags"]] == [["b"]]
+    assert tag["stop_after_first"] and tag["at_least_one"] and tag["tags"][0]["begin"] == "<tool_call>\n"
+    assert len(json.loads(forced_calls(FORMATS["llama3_json"], tools, None, single=False).json)["anyOf"]) == 2
