@@ -4,6 +4,7 @@
 #   bash bench/gpu.sh check OUT [tp_check.py flags]   # serve run per TP size: equality, adapters, affinity
 #   bash bench/gpu.sh bench OUT TP [side_by_side.py flags]   # vLLM server vs lorafleet, dummy weights
 #   BENCH_DIR=/tmp/lora bash bench/gpu.sh bench OUT 1 --loras 16 ...   # another comparison beside it
+#   bash bench/gpu.sh features OUT    # structured outputs and tool calls through `lorafleet deploy` (tiny-chat)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source /tmp/parts/install.sh
@@ -19,6 +20,10 @@ check)  # tp_check.py flags follow, e.g. --tp 4 1
   [ -f $shape/model.safetensors.index.json ] ||
     python3 bench/model_shapes.py qwen2.5-7b-instruct $shape --weights 0 --adapters 2 --rank 16
   exec python3 bench/tp_check.py --model-dir $shape --out /tmp/tp_check --results "$out" "$@"
+  ;;
+features)
+  python3 -m serve_app.engines.vllm_surface 2>&1 | tail -1 | tee "$out"/vllm_surface.txt
+  exec python3 bench/feature_check.py --out "$out"/feature_check.json --log "$out"/feature-check-server.log
   ;;
 bench)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
