@@ -1,6 +1,6 @@
 """Structured outputs and tool calls end to end on whatever machine this runs on (the GPU machine
 with vLLM 0.25.1, where the test suite does not run): starts `lorafleet deploy --model_type
-tiny-chat` as a user would, drives it with the official openai client, prints one line per check
+tiny-chat --lora_modules xiao-huang=...` as a user would, drives it with the official openai client, prints one line per check
 and a JSON summary, and stops the server.
 
     python bench/feature_check.py [--port 8000] [--out results.json]
@@ -154,6 +154,7 @@ def main() -> None:
     from openai import OpenAI
 
     cmd = [sys.executable, "-m", "serve_app.cli", "deploy", "--model_type", "tiny-chat", "--port", str(args.port)]
+    cmd += ["--lora_modules", f"xiao-huang={ROOT / 'serve_app' / 'assets' / 'xiao-huang'}"]
     with open(args.log, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{args.port}"

@@ -14,7 +14,7 @@ from tests.serve_fixtures import API_KEY
 pytestmark = pytest.mark.slow
 
 ERROR_KEYS = {"message", "type", "param", "code"}
-PUBLIC = ("/health", "/ui", "/metrics")
+PUBLIC = ("/health", "/ui", "/metrics", "/version")
 
 
 SEEN: collections.Counter = collections.Counter()
