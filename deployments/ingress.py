@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -121,7 +122,8 @@ class Ingress:
             continue_final_message=req.continue_final_message,
             adapter_path=adapter.path if adapter else "",
         )
-        special = req.add_special_tokens if req.add_special_tokens is not None else req.prompt is not None
+        # Default: tokenized as the chat and completion routes tokenize, so `count` is their prompt_tokens
+        special = bool(req.add_special_tokens)
         return await self.renderer.tokenize.remote(render, special, req.return_token_strs)
 
     @app.post("/detokenize")
@@ -375,12 +377,11 @@ class Ingress:
         rendered = await asyncio.gather(*(self.renderer.render.remote(r) for r in renders))
         self.metrics.render_call.labels(req.model).observe(time.perf_counter() - started)
         streams = [self._engine_stream(kind, req, p, model, adapter, options, structured) for p in rendered]
-        try:
-            openings = await asyncio.gather(*(_first_message(s) for s in streams))
-        except BaseException:
+        openings = await asyncio.gather(*(_first_message(s) for s in streams), return_exceptions=True)
+        if failed := [o for o in openings if isinstance(o, BaseException)]:
             for s in streams:
                 s.cancel()
-            raise
+            raise failed[0]
         self.metrics.ttft.labels(req.model).observe(time.perf_counter() - started)
         first = []
         for i, opening in enumerate(openings):
@@ -399,10 +400,15 @@ class Ingress:
             return StreamingResponse(
                 self._events(stream, streams, first, builder, req, started), media_type="text/event-stream"
             )
-        if first:
-            builder.add_message(first)
-        async for deltas in stream:
-            builder.add_message(deltas)
+        try:
+            if first:
+                builder.add_message(first)
+            async with contextlib.aclosing(stream):
+                async for deltas in stream:
+                    builder.add_message(deltas)
+        finally:  # a prompt that failed: the batch's other engine requests stop too
+            for s in streams:
+                s.cancel()
         self._count(builder, req.model, started)
         return JSONResponse(builder.final())
 
@@ -428,8 +434,9 @@ class Ingress:
                 yield self._chunks(builder, _echo_deltas(builder))
             if first:
                 yield self._chunks(builder, first)
-            async for deltas in stream:
-                yield self._chunks(builder, deltas)
+            async with contextlib.aclosing(stream):
+                async for deltas in stream:
+                    yield self._chunks(builder, deltas)
             if req.include_usage:
                 yield builder.usage_chunk()
             yield "data: [DONE]\n\n"
@@ -483,7 +490,7 @@ async def _merged(streams: list, n: int):
         async for deltas in streams[0]:
             yield deltas
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))  # pulled as the client takes it
 
     async def pump(i: int, stream) -> None:
         try:

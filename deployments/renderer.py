@@ -117,8 +117,9 @@ class _ModelTemplate:
         if not ids:
             raise InvalidRequestError("the prompt is empty.", param="prompt")
         text = ""
-        if request.return_text:
-            text = request.prompt if isinstance(request.prompt, str) else self.tokenizer.decode(ids)
+        if request.return_text:  # what the model saw: the text given, or its truncated tail
+            untouched = isinstance(request.prompt, str) and not request.truncate_prompt_tokens
+            text = request.prompt if untouched else self.tokenizer.decode(ids)
         return RenderedPrompt(
             tuple(ids), self._max_tokens(len(ids), request.max_tokens), tuple(self.template.stop_token_ids), text
         )

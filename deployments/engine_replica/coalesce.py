@@ -62,6 +62,11 @@ def merge_deltas(deltas: list[Delta]) -> list[Delta]:
             continue
         logprobs = None if m.logprobs is None and d.logprobs is None else (m.logprobs or ()) + (d.logprobs or ())
         merged[d.index] = Delta(
-            d.index, m.text + d.text, m.token_ids + d.token_ids, d.finish_reason or m.finish_reason, logprobs
+            d.index,
+            m.text + d.text,
+            m.token_ids + d.token_ids,
+            d.finish_reason or m.finish_reason,
+            logprobs,
+            m.prompt_logprobs or d.prompt_logprobs,
         )
     return [merged[i] for i in sorted(merged)]

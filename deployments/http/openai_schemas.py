@@ -64,14 +64,14 @@ class Strict(BaseModel):
     @classmethod
     def _refuse_by_name(cls, data):
         """A field OpenAI or vLLM defines that lorafleet does not act on gets its own reason. A null
-        field means "not given" in OpenAI's API: clients that send back a whole message object
-        (`"audio": null, "function_call": null`) are not refused for it."""
+        field means "not given" in OpenAI's API (the openai client sends `"n": null` for `n=None`,
+        and a message sent back whole carries `"audio": null`): it takes the field's default."""
         if not isinstance(data, dict):
             return data
         for name, value in data.items():
             if name in REFUSED and name not in cls.model_fields and value is not None:
                 raise InvalidRequestError(f"`{name}` is not supported: {REFUSED[name]}.", param=name)
-        return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+        return {k: v for k, v in data.items() if v is not None}
 
 
 class StreamOptions(Strict):
@@ -109,6 +109,8 @@ class StructuredOutputs(Strict):
 
     @model_validator(mode="after")
     def _one_kind(self):
+        if self.json_object is False:  # "no JSON-object constraint": not a constraint of its own
+            self.json_object = None
         kinds = ("json_", "regex", "choice", "grammar", "json_object", "structural_tag")
         if len([k for k in kinds if getattr(self, k) is not None]) != 1:
             raise ValueError("give exactly one of json, regex, choice, grammar, json_object, structural_tag")
@@ -181,6 +183,8 @@ class SamplingFields(Strict):
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("`stream_options` is only allowed when `stream` is true.", param="stream_options")
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequestError("`prompt_logprobs` is not returned when streaming.", param="prompt_logprobs")
         return self
 
     @property
@@ -238,11 +242,6 @@ class SamplingFields(Strict):
         )
 
 
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
 class FunctionCall(Strict):
     name: str = Field(min_length=1)
     arguments: str
@@ -271,22 +270,21 @@ class ChatMessage(Strict):
             raise ValueError("only assistant messages carry `tool_calls`")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a 'tool' message needs the `tool_call_id` it answers")
+        for part in self.content if isinstance(self.content, list) else ():
+            if part.get("type") != "text":
+                raise InvalidRequestError(
+                    f"content part type '{part.get('type')}' is not supported: the served models are text-only.",
+                    param="messages.content",
+                    code="unsupported_content_part",
+                )
+            if set(part) != {"type", "text"} or not isinstance(part["text"], str):
+                raise ValueError('a text content part is {"type": "text", "text": <string>}')
         return self
 
     def text(self) -> str | None:
         if self.content is None or isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            kind = part.get("type")
-            if kind != "text":
-                raise InvalidRequestError(
-                    f"content part type '{kind}' is not supported: the served models are text-only.",
-                    param="messages.content",
-                    code="unsupported_content_part",
-                )
-            parts.append(TextPart.model_validate(part).text)
-        return "".join(parts)
+        return "".join(part["text"] for part in self.content)
 
     def plain(self) -> dict:
         """The message as the renderer takes it: text content, OpenAI's tool fields kept."""
@@ -341,6 +339,8 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("`top_logprobs` needs `logprobs: true`.", param="top_logprobs")
         if self.store:
             raise InvalidRequestError("`store: true` is not supported: completions are not stored.", param="store")
         if self.response_format and self.response_format.type != "text" and self.structured_outputs:
@@ -444,7 +444,7 @@ class TokenizeRequest(Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = None
-    add_special_tokens: bool | None = Field(None, description="default: true for a prompt, false for messages")
+    add_special_tokens: bool = Field(False, description="default: as the chat and completion routes tokenize")
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False

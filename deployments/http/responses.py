@@ -94,8 +94,8 @@ class ResponseBuilder:
         if self.options.return_token_ids:
             choice["token_ids"] = list(delta.token_ids)
         body = {"choices": [choice]}
-        if self._first_chunk and self.options.return_token_ids:
-            body["prompt_token_ids"] = self.prompt_ids[0] if len(self.prompt_ids) == 1 else self.prompt_ids
+        if self._first_chunk and self.options.return_token_ids and self.kind == "chat":
+            body["prompt_token_ids"] = self.prompt_ids[0]
         self._first_chunk = False
         if self.options.continuous_usage:
             body["usage"] = self.usage
@@ -112,7 +112,7 @@ class ResponseBuilder:
                 if calls:
                     body["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
                     finish = "tool_calls"
-            if not body["content"] and not finish and not delta.logprobs:
+            if not body["content"] and not finish and not delta.logprobs and not self.options.return_token_ids:
                 return None  # held back: it may be part of a tool call
         if not self._role_sent[delta.index]:
             body = {"role": "assistant", **body}
@@ -138,8 +138,8 @@ class ResponseBuilder:
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         body = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
         body["usage"] = self.usage
-        if self.options.return_token_ids:
-            body["prompt_token_ids"] = self.prompt_ids[0] if len(self.prompt_ids) == 1 else self.prompt_ids
+        if self.options.return_token_ids and self.kind == "chat":
+            body["prompt_token_ids"] = self.prompt_ids[0]
         if self.prompt_logprobs and self.kind == "chat":
             body["prompt_logprobs"] = list(self.prompt_logprobs.get(0, ()))
         return body
@@ -165,6 +165,8 @@ class ResponseBuilder:
                 choice["prompt_logprobs"] = list(self.prompt_logprobs[prompt])
         if self.options.return_token_ids:
             choice["token_ids"] = c.token_ids
+            if self.kind == "completion":  # vLLM's shape: each choice names its prompt's ids
+                choice["prompt_token_ids"] = self.prompt_ids[i // self.options.n]
         return choice
 
     def _final_completion_logprobs(self, prompt: int, c: _Choice) -> dict:

@@ -97,13 +97,21 @@ _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 def parse_auto(fmt: ToolCallFormat, text: str) -> tuple[str | None, list[dict]]:
     """(content, calls) of a reply that may call tools; text that does not parse stays content."""
+    content, calls = _split_calls(fmt, text)
+    if calls:
+        content = content.strip() or None
+    return content, calls
+
+
+def _split_calls(fmt: ToolCallFormat, text: str) -> tuple[str, list[dict]]:
+    """(the text outside the calls, unstripped; calls)."""
     if fmt.name == "llama3_json":
         stripped = text.strip()
         try:
             call = _as_call(json.loads(stripped), fmt) if stripped.startswith("{") else None
         except ValueError:
             call = None
-        return (None, [call]) if call else (text, [])
+        return ("", [call]) if call else (text, [])
     calls, kept, end = [], [], 0
     for match in _HERMES.finditer(text):
         try:
@@ -114,10 +122,7 @@ def parse_auto(fmt: ToolCallFormat, text: str) -> tuple[str | None, list[dict]]:
             kept.append(text[end : match.start()])
             end = match.end()
             calls.append(call)
-    content = "".join(kept) + text[end:]
-    if calls:
-        content = content.strip() or None
-    return content, calls
+    return "".join(kept) + text[end:], calls
 
 
 class ToolCallStream:
@@ -151,11 +156,16 @@ class ToolCallStream:
 
     def finish(self) -> tuple[str, list[dict]]:
         """(content not yet streamed, calls) once the choice has ended."""
-        content, calls = parse_reply(self.fmt, self.text, self.forced, self.single_call)
+        _, calls = parse_reply(self.fmt, self.text, self.forced, self.single_call)
         if not calls:
             return self.text[self.sent :], []
-        streamed = self.text[: self.sent]
-        return (content[len(streamed) :] if content and content.startswith(streamed) else ""), calls
+        if self.forced:
+            return "", calls
+        # What was streamed is a prefix of the text outside the calls (nothing past a tag's start
+        # goes out), so the rest is what follows it there; stripped as the whole reply's content is.
+        outside, _ = _split_calls(self.fmt, self.text)
+        rest = outside[self.sent :]
+        return (rest.strip() if not self.sent else rest.rstrip()), calls
 
 
 def parse_reply(fmt: ToolCallFormat, text: str, forced: bool, single_call: bool) -> tuple[str | None, list[dict]]:

@@ -200,3 +200,19 @@ def test_an_adapter_folder_with_its_own_chat_template_renders_with_it(main_app):
 
     assert rendered("own-template") == "<|im_start|>user\n浙江的省会在哪？<|im_end|>\n<|im_start|>assistant\n"
     assert rendered("xiao-huang").startswith("<|im_start|>system\nYou are a helpful assistant.")
+
+
+def test_malformed_parts_and_combinations_are_400_and_nulls_are_defaults(main_app):
+    def chat(**extra):
+        return post(main_app, "/v1/chat/completions", {"model": "tiny-chat", "messages": ZJ, "max_tokens": 2, **extra})
+
+    for extra in (
+        {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache_control": {}}]}]},
+        {"top_logprobs": 2},
+        {"prompt_logprobs": 1, "stream": True},
+        {"structured_outputs": {"json_object": False}},
+    ):
+        reply = chat(**extra)
+        assert reply.status_code == 400 and "Traceback" not in reply.text, (extra, reply.text)
+    assert chat(n=None, min_p=None, stream=None, presence_penalty=None).status_code == 200

@@ -71,3 +71,10 @@ def test_forced_constraints_pin_the_name():
     assert [t["content"]["json_schema"]["properties"]["name"]["enum"] for t in tag["tags"]] == [["b"]]
     assert tag["stop_after_first"] and tag["at_least_one"] and tag["tags"][0]["begin"] == "<tool_call>\n"
     assert len(json.loads(forced_calls(FORMATS["llama3_json"], tools, None, single=False).json)["anyOf"]) == 2
+
+
+@pytest.mark.parametrize("cut", [1, 3, 1000])
+def test_streamed_content_around_calls_is_all_there(cut):
+    text = "\n\nHi." + CALL + "\nAfter."
+    streamed, rest, calls = stream(HERMES, text, cut)
+    assert len(calls) == 1 and (streamed + rest).strip() == "Hi.\nAfter." == parse_auto(HERMES, text)[0]
