@@ -197,7 +197,10 @@ def _refused_by_engine():
     except (ValueError, TypeError, VLLMValidationError) as e:
         if isinstance(e, InvalidRequestError):
             raise
-        raise InvalidRequestError(f"the engine refused the request: {e}", param=getattr(e, "parameter", None)) from None
+        message = str(e) if len(str(e)) <= 600 else str(e)[:600] + " ..."  # vLLM lists every bad token id
+        raise InvalidRequestError(
+            f"the engine refused the request: {message}", param=getattr(e, "parameter", None)
+        ) from None
 
 
 def _structured_outputs(spec: StructuredOutput | None):
