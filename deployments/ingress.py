@@ -117,10 +117,10 @@ class Ingress:
             model.served_name,
             messages=tuple(m.plain() for m in req.messages) if req.messages else None,
             prompt=req.prompt,
-            tools=tuple(t.model_dump(exclude_unset=True) for t in req.tools or ()),
+            tools=req.tool_dicts(),
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
-            adapter_path=adapter.path if adapter else "",
+            adapter=adapter,
         )
         # Default: tokenized as the chat and completion routes tokenize, so `count` is their prompt_tokens
         special = bool(req.add_special_tokens)
@@ -154,11 +154,11 @@ class Ingress:
             model.served_name,
             messages=req.plain_messages(),
             max_tokens=req.requested_max_tokens,
-            tools=req.tool_dicts() if req.tools else (),
+            tools=req.tool_dicts(),
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
             truncate_prompt_tokens=req.truncate_prompt_tokens,
-            adapter_path=adapter.path if adapter else "",
+            adapter=adapter,
         )
         options = ResponseOptions(
             top_logprobs=req.num_logprobs,

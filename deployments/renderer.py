@@ -9,7 +9,7 @@ from pathlib import Path
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import InvalidRequestError, PromptTooLongError
-from serve_app.messages import RenderedPrompt, RenderRequest
+from serve_app.messages import AdapterRef, RenderedPrompt, RenderRequest
 from serve_app.platform import freeze_startup_heap
 
 
@@ -46,25 +46,14 @@ class Renderer:
         return template.tokenizer.decode(list(ids))
 
 
-def adapter_chat_template(path: str) -> str | None:
-    """The chat template an adapter folder ships (as LoRAX reads it), or None: then the base's is used."""
-    folder = Path(path)
-    try:
-        stamp = max((folder / name).stat().st_mtime_ns for name in _TEMPLATE_FILES if (folder / name).exists())
-    except ValueError:  # no template file there
-        return None
-    return _read_adapter_template(path, stamp)
-
-
-_TEMPLATE_FILES = ("chat_template.jinja", "tokenizer_config.json")
-
-
 @functools.lru_cache(maxsize=256)
-def _read_adapter_template(path: str, stamp: int) -> str | None:  # `stamp`: a changed file is read again
-    folder = Path(path)
-    if (folder / "chat_template.jinja").exists():
+def adapter_chat_template(adapter: AdapterRef) -> str | None:
+    """The chat template an adapter folder ships (as LoRAX reads it), or None: then the base's is
+    used. Read once per registration: new weights, even at the same path, get a new adapter id."""
+    folder = Path(adapter.path)
+    if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    if (folder / "tokenizer_config.json").exists():
+    if (folder / "tokenizer_config.json").is_file():
         template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
         return template if isinstance(template, str) else None
     return None
@@ -126,7 +115,7 @@ class _ModelTemplate:
 
     def _chat_text(self, request: RenderRequest) -> str:
         messages = list(request.messages)
-        own = adapter_chat_template(request.adapter_path) if request.adapter_path else None
+        own = adapter_chat_template(request.adapter) if request.adapter else None
         if self.named and own is None:
             text = self._named_template_text(request, messages)
         else:

@@ -124,7 +124,7 @@ class RenderRequest:
     continue_final_message: bool = False
     truncate_prompt_tokens: int | None = None
     return_text: bool = False  # send the prompt's text back (completions' echo)
-    adapter_path: str = ""  # an adapter folder that ships its own chat template renders with it
+    adapter: AdapterRef | None = None  # an adapter folder that ships its own chat template renders with it
 
 
 @dataclass(frozen=True)

@@ -389,7 +389,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.tool_choice or "auto"
 
     def tool_dicts(self) -> tuple[dict, ...]:
-        return tuple(t.model_dump(exclude_unset=True) for t in self.tools or ())  # as sent: the prompt shows them
+        return tool_dicts(self.tools)
 
     def structured_output(self) -> StructuredOutput | None:
         fmt = self.response_format
@@ -437,6 +437,11 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
+def tool_dicts(tools: list[Tool] | None) -> tuple[dict, ...]:
+    """The tools as sent (unset fields left out): the prompt shows them to the model."""
+    return tuple(t.model_dump(exclude_unset=True) for t in tools or ())
+
+
 class TokenizeRequest(Strict):
     """vLLM's `POST /tokenize` body: a completion `prompt` or chat `messages`."""
 
@@ -448,6 +453,9 @@ class TokenizeRequest(Strict):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False
+
+    def tool_dicts(self) -> tuple[dict, ...]:
+        return tool_dicts(self.tools)
 
     @model_validator(mode="after")
     def _one_input(self):
