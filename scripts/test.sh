@@ -7,4 +7,5 @@ bash scripts/bootstrap.sh
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
-exec .venv/bin/python -m pytest "$@"
+# Two processes: the tests that need Ray in one, the rest beside them (tests/conftest.py).
+exec .venv/bin/python -m pytest -n 2 "$@"

@@ -17,6 +17,8 @@ import httpx
 import psutil
 import pytest
 
+from tests.serve_fixtures import QUIET_RAY
+
 pytestmark = [pytest.mark.slow, pytest.mark.stops_ray]
 
 PORT = 8791
@@ -45,7 +47,7 @@ def deploy(tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, Path]:
         [str(BIN / "lorafleet"), "deploy", "--model_type", "tiny-chat", "--infer_backend", "pt",
          "--port", str(PORT), "--state_dir", str(tmp_path / "state")],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env=os.environ | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"},  # as tests/serve_fixtures.py
+        env=os.environ | QUIET_RAY | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"},  # as tests/serve_fixtures.py
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:

@@ -8,10 +8,20 @@ import httpx
 import openai
 import pytest
 
-from tests.serve_fixtures import ADMIN_KEY, API_KEY
+from tests.serve.test_fuzz import PUBLIC, check, fuzz
+from tests.serve_fixtures import ADMIN_KEY, API_KEY, BASE, guarded_config
 
 pytestmark = pytest.mark.slow
 CHAT = {"model": "guarded", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def guarded_app(serve_instance):
+    from serve_app.app import build_from_config
+
+    serve_instance.run(build_from_config(guarded_config()), name="guarded", route_prefix="/guarded")
+    yield f"{BASE}/guarded"
+    serve_instance.delete("guarded")
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
@@ -75,3 +85,16 @@ def test_keys_never_reach_the_logs(guarded_app):
         text = path.read_bytes()
         for key in (API_KEY, ADMIN_KEY, "Bearer-wrong-key-123"):
             assert key.encode() not in text, f"{key} in {path}"
+
+
+def test_fuzz_guarded_app_with_and_without_keys(guarded_app):
+    """Schemathesis (tests/serve/test_fuzz.py) on every route, with the key, without and with a wrong one."""
+
+    def with_and_without_keys(case):
+        check(case.call(base_url=guarded_app, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}))
+        for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+            response = case.call(base_url=guarded_app, timeout=60, headers=headers)
+            check(response)
+            assert case.path in PUBLIC or response.status_code in (401, 403), response.text[:200]
+
+    assert len(fuzz(guarded_app, with_and_without_keys, examples=8)) >= 11

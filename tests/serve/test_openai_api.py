@@ -36,16 +36,18 @@ def test_models_lists_base_models_and_adapters(client):
         client.models.retrieve("nope")
 
 
-def test_chat_answers_equal_the_offline_api(client, vllm_engine):
+def test_chat_answers_equal_the_offline_api(client, pt_engine):
+    """The offline API on its transformers backend (the oracle; tests/engine/test_oracle.py shows the
+    offline vLLM engine equal to it), so the Ray tests start no offline vLLM engine of their own."""
     from serve_app import LoRARequest
     from serve_app.model_types import XIAO_HUANG_DIR
     from serve_app.template import messages_to_conversation
 
-    template = get_template("qwen", vllm_engine.hf_tokenizer)
+    template = get_template("qwen", pt_engine.hf_tokenizer)
     for model, messages in CHATS:
         system, history, query = messages_to_conversation(messages)
         lora = LoRARequest("xiao-huang", 5, str(XIAO_HUANG_DIR)) if model == "xiao-huang" else None
-        expected = inference_vllm(vllm_engine, template, [{"query": query, "history": history}], lora_request=lora)[0]
+        expected = inference_vllm(pt_engine, template, [{"query": query, "history": history}], lora_request=lora)[0]
         answer = client.chat.completions.create(model=model, messages=messages, temperature=0)
         assert answer.choices[0].message.content == expected["response"]
         assert answer.choices[0].finish_reason == "stop"
