@@ -9,36 +9,55 @@ from tests.adapter_factory import make_adapter
 pytest_plugins = ["tests.serve_fixtures"]  # Ray Serve apps shared by tests/serve and tests/browser
 
 
-# Under `-n 2` (scripts/test.sh) the suite runs in two processes: one runs every test that needs Ray
-# (one cluster, one Serve instance, in order), the other the engine, CLI and unit tests, which never
-# touch Ray. The Ray tests spend much of their time waiting on replicas and timers; the others use
-# the second core meanwhile. test_haproxy_guard starts and ends HAProxy processes that a
-# `lorafleet deploy` would judge as its own stale copies, so it never runs beside one.
-RAY_GROUP = (
-    "tests/serve/",
-    "tests/browser/",
-    "tests/cli/test_restart_after_kill.py",
-    "tests/unit/test_haproxy_guard.py",
-)
+# Under `-n 2` (scripts/test.sh) the suite runs in two processes that share one Ray cluster and one
+# Serve instance (tests/serve_fixtures.py). Three groups of tests, each run in order by one process:
+# - "apps": the test that runs `ray stop --force` (first: no cluster may exist yet), then the modules
+#   that deploy apps of their own (their own names and routes) and test_haproxy_guard (it starts and
+#   ends HAProxy processes that a `lorafleet deploy` would judge as stale copies of its own);
+# - "engines": offline engines, the CLI and unit tests, which never touch Ray;
+# - "main": everything on the session's main app, whose tests count its requests and wait for its
+#   engine to go idle, so no other process may send it work meanwhile; and test_lora_registry (an
+#   app of its own), here only so that both processes finish at about the same time.
+# The first two start together; "main" follows "engines" in that process. Most Ray tests wait on
+# replicas starting and on timers; the other process uses the core meanwhile.
+GROUPS = {
+    "apps": (
+        "tests/cli/test_restart_after_kill.py",
+        "tests/serve/test_adapter_admission.py",
+        "tests/serve/test_failures.py",
+        "tests/serve/test_guarded_app.py",
+        "tests/serve/test_scaling_and_tp.py",
+        "tests/unit/test_haproxy_guard.py",
+    ),
+    "main": ("tests/serve/", "tests/browser/"),
+}
+
+
+def group_of(nodeid: str) -> str:
+    return next((name for name, paths in GROUPS.items() if nodeid.startswith(paths)), "engines")
 
 
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
-    class RayTestsTogether(LoadScopeScheduling):
+    class ByGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "ray" if nodeid.startswith(RAY_GROUP) else "engines"
+            return group_of(nodeid)
 
-    return RayTestsTogether(config, log)
+    config.option.loadscopereorder = False  # groups are handed out in collection order (below)
+    return ByGroup(config, log)
+
+
+RANK = {"apps": 0, "engines": 1, "main": 2}
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that run `ray stop --force` go first, before the session's own Ray cluster exists."""
-    items.sort(key=lambda item: item.get_closest_marker("stops_ray") is None)
+    """Group by group, and the test that runs `ray stop --force` first of all."""
+    items.sort(key=lambda item: (RANK[group_of(item.nodeid)], item.get_closest_marker("stops_ray") is None))
     for item in items:
         needs_ray = item.get_closest_marker("stops_ray") is not None or "serve_instance" in item.fixturenames
-        if needs_ray and not item.nodeid.startswith(RAY_GROUP):
-            raise pytest.UsageError(f"{item.nodeid} needs Ray: put it under one of RAY_GROUP (tests/conftest.py)")
+        if needs_ray and group_of(item.nodeid) == "engines":
+            raise pytest.UsageError(f"{item.nodeid} needs Ray: add its module to GROUPS (tests/conftest.py)")
 
 
 @pytest.fixture(scope="session")

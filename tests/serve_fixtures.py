@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +20,7 @@ PORT = 8765
 BASE = f"http://127.0.0.1:{PORT}"
 API_KEY = "sk-test-key"
 ADMIN_KEY = "sk-admin-key"
+RAY = str(Path(sys.executable).parent / "ray")
 STATE = tempfile.mkdtemp(prefix="lorafleet-test-state-")
 # Engine options for tests whose subject is not the compiled model (routing, registry, failures):
 # without torch.compile a vLLM engine starts in about 25 s instead of 40 s of CPU here. The main app,
@@ -76,25 +83,93 @@ QUIET_RAY = {
 }
 
 
+def pytest_configure(config):
+    """The test run's shared folder: where the pytest processes of one run find their Ray cluster."""
+    if not hasattr(config, "workerinput"):  # the controller (or the only process); workers inherit it
+        os.environ["LORAFLEET_TEST_RUN"] = tempfile.mkdtemp(prefix="lorafleet-test-run-")
+    # `ray start` turns on Ray 2.60's token auth (the token in ~/.ray/auth_token), and a driver reads
+    # the mode when Ray is first imported (test modules import it while they are collected).
+    os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def run_dir() -> Path:
+    return Path(os.environ["LORAFLEET_TEST_RUN"])
+
+
+def pytest_collection_finish(session):
+    if not any(item.get_closest_marker("stops_ray") for item in session.items):
+        (run_dir() / "ray-stoppers-done").touch()
+
+
+def pytest_runtest_teardown(item):
+    if item.get_closest_marker("stops_ray"):
+        (run_dir() / "ray-stoppers-done").touch()
+
+
+def shared_cluster() -> str:
+    """The run's Ray cluster, started once by whichever process asks first (`ray start --head`, so
+    it outlives that process); its GCS address."""
+    done, address = run_dir() / "ray-stoppers-done", run_dir() / "ray-address"
+    deadline = time.monotonic() + 900
+    while not done.exists():  # a test that runs `ray stop --force` would end the cluster
+        assert time.monotonic() < deadline, "the test that stops Ray did not finish"
+        time.sleep(1)
+    with open(run_dir() / "ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not address.exists():
+            from serve_app.platform import apply_serve_env
+
+            apply_serve_env()  # the tests run with the Serve settings users get
+            # but for one: an ingress replica that stops waits this long (default 30 s) for external
+            # load balancers to stop sending it requests; here HAProxy is on the same node, and every
+            # app a test deletes would wait it out.
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+            for key, value in QUIET_RAY.items():
+                os.environ.setdefault(key, value)
+            port = free_port()
+            cmd = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=12"]
+            cmd += ["--include-dashboard=false", "--disable-usage-stats"]
+            # a token if this machine has none yet (printed, so captured; an existing one is kept)
+            subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60)
+            started = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+            address.write_text(f"127.0.0.1:{port}")
+        return address.read_text()
+
+
+def pytest_unconfigure(config):
+    """The controller ends the run's cluster once every process is done with it."""
+    address = run_dir() / "ray-address" if "LORAFLEET_TEST_RUN" in os.environ else None
+    if hasattr(config, "workerinput") or address is None or not address.exists():
+        return
+    import ray
+    from ray import serve
+
+    try:
+        ray.init(address=address.read_text(), log_to_driver=False)
+        serve.shutdown()  # Serve stops its HAProxy; `ray stop` alone would orphan it
+        ray.shutdown()
+    finally:
+        for force in ([], ["--force"]):  # a graceful stop, then whatever did not end
+            subprocess.run([RAY, "stop", *force], capture_output=True, timeout=180)
+        address.unlink()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def serve_instance():
     import ray
     from ray import serve
 
-    from serve_app.platform import apply_serve_env
-
-    apply_serve_env()  # the tests run with the Serve settings users get
-    # but for one: an ingress replica that stops waits this long (default 30 s) for external load
-    # balancers to stop sending it requests; here HAProxy is on the same node, and every app a test
-    # deletes would wait it out.
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-    for key, value in QUIET_RAY.items():
-        os.environ.setdefault(key, value)
-    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
+    ray.init(address=shared_cluster(), log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     yield serve
-    serve.shutdown()
-    ray.shutdown()
+    ray.shutdown()  # this process is done with the cluster; the controller ends it
 
 
 @pytest.fixture(scope="session")
