@@ -16,8 +16,7 @@ pytest_plugins = ["tests.serve_fixtures"]  # Ray Serve apps shared by tests/serv
 #   ends HAProxy processes that a `lorafleet deploy` would judge as stale copies of its own);
 # - "engines": offline engines, the CLI and unit tests, which never touch Ray;
 # - "main": everything on the session's main app, whose tests count its requests and wait for its
-#   engine to go idle, so no other process may send it work meanwhile; and test_lora_registry (an
-#   app of its own), here only so that both processes finish at about the same time.
+#   engine to go idle, so no other process may send it work meanwhile.
 # The first two start together; "main" follows "engines" in that process. Most Ray tests wait on
 # replicas starting and on timers; the other process uses the core meanwhile.
 GROUPS = {
@@ -26,6 +25,7 @@ GROUPS = {
         "tests/serve/test_adapter_admission.py",
         "tests/serve/test_failures.py",
         "tests/serve/test_guarded_app.py",
+        "tests/serve/test_lora_registry.py",
         "tests/serve/test_scaling_and_tp.py",
         "tests/unit/test_haproxy_guard.py",
     ),
