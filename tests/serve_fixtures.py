@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -138,21 +139,26 @@ def shared_cluster() -> str:
 
 
 def pytest_unconfigure(config):
-    """The controller ends the run's cluster once every process is done with it."""
-    address = run_dir() / "ray-address" if "LORAFLEET_TEST_RUN" in os.environ else None
-    if hasattr(config, "workerinput") or address is None or not address.exists():
+    """The controller ends the run's cluster once every process is done with it, and its folder."""
+    if hasattr(config, "workerinput"):
         return
+    try:
+        if (run_dir() / "ray-address").exists():
+            stop_shared_cluster((run_dir() / "ray-address").read_text())
+    finally:
+        shutil.rmtree(run_dir(), ignore_errors=True)
+
+
+def stop_shared_cluster(address: str) -> None:
     import ray
     from ray import serve
 
     try:
-        ray.init(address=address.read_text(), log_to_driver=False)
+        ray.init(address=address, log_to_driver=False)
         serve.shutdown()  # Serve stops its HAProxy; `ray stop` alone would orphan it
         ray.shutdown()
-    finally:
-        # Serve and its HAProxy are down; what is left is Ray's own processes
+    finally:  # what is left is Ray's own processes
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=180)
-        address.unlink()
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.test_fuzz import PUBLIC, check, fuzz
+from tests.serve.fuzzing import PUBLIC, check, fuzz
 from tests.serve_fixtures import ADMIN_KEY, API_KEY, BASE, guarded_config
 
 pytestmark = pytest.mark.slow
@@ -88,7 +88,7 @@ def test_keys_never_reach_the_logs(guarded_app):
 
 
 def test_fuzz_guarded_app_with_and_without_keys(guarded_app):
-    """Schemathesis (tests/serve/test_fuzz.py) on every route, with the key, without and with a wrong one."""
+    """Schemathesis (tests/serve/fuzzing.py) on every route, with the key, without and with a wrong one."""
 
     def with_and_without_keys(case):
         check(case.call(base_url=guarded_app, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}))
