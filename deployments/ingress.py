@@ -29,6 +29,7 @@ from deployments.http.openapi import install_openapi
 from deployments.http.request_metrics import Metrics
 from deployments.http.responses import ResponseBuilder, ResponseOptions
 from deployments.http.tool_calls import ToolPlan
+from lora_registry.adapter_store import RegistryState
 from lora_registry.follower import follow_registry
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
@@ -66,7 +67,7 @@ class Ingress:
         self.created = int(time.time())
         self.adapter_state = await registry.state.remote()
         self._follower = asyncio.create_task(
-            follow_registry(registry, self._set_adapter_state, self.adapter_state["version"])
+            follow_registry(registry, self._set_adapter_state, self.adapter_state.version)
         )
         freeze_startup_heap()
 
@@ -74,7 +75,7 @@ class Ingress:
     def get_deployment_options(cls, config: AppConfig) -> dict:
         return config.ingress.deployment.serve_options("Ingress")
 
-    async def _set_adapter_state(self, state: dict) -> None:
+    async def _set_adapter_state(self, state: RegistryState) -> None:
         self.adapter_state = state  # resolving a name then costs no actor call
 
     # --- routes -------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ class Ingress:
         return {
             "object": "lora_adapter",
             "message": f"Success: LoRA adapter '{body.lora_name}' added successfully.",
-            **record,
+            **record.to_dict(),
         }
 
     @app.post("/v1/unload_lora_adapter")
@@ -236,27 +237,27 @@ class Ingress:
         return {
             "object": "lora_adapter",
             "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
-            **record,
+            **record.to_dict(),
         }
 
     @app.get("/v1/adapters")
     async def list_adapters(self, request: Request):
         self.check_admin_key(request)
-        return {"object": "list", "data": await self.registry.describe.remote()}
+        return {"object": "list", "data": [p.to_dict() for p in await self.registry.describe.remote()]}
 
     @app.post("/v1/adapters", status_code=201)
     async def create_adapter(self, request: Request):
         body = await self.read_admin_body(request, AdapterCreate)
         record = await self.registry.register.remote(body.name, body.path, body.base_model, body.replace, body.force)
         await self._refresh_adapters()
-        return JSONResponse({"object": "lora_adapter", **record}, status_code=201)
+        return JSONResponse({"object": "lora_adapter", **record.to_dict()}, status_code=201)
 
     @app.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request):
         self.check_admin_key(request)
         record = await self.registry.unregister.remote(name)
         await self._refresh_adapters()
-        return {"object": "lora_adapter", "deleted": True, **record}
+        return {"object": "lora_adapter", "deleted": True, **record.to_dict()}
 
     async def read_admin_body(self, request: Request, schema):
         self.check_admin_key(request)
@@ -322,12 +323,12 @@ class Ingress:
     async def resolve(self, name: str) -> tuple[ModelConfig, AdapterRef | None]:
         if name in self.models:
             return self.models[name], None
-        record = self.adapter_state["adapters"].get(name)
+        record = self.adapter_state.adapters.get(name)
         if record is None:  # maybe registered a moment ago through another ingress replica
             self.adapter_state = await self.registry.state.remote()
-            record = self.adapter_state["adapters"].get(name)
+            record = self.adapter_state.adapters.get(name)
         if record is not None:
-            return self.models[record["base_model"]], AdapterRef(name, record["adapter_id"], record["path"])
+            return self.models[record.base_model], AdapterRef(name, record.adapter_id, record.path)
         raise NotFoundError(
             f"model '{name}' does not exist; GET /v1/models lists the served models and adapters.",
             param="model",
@@ -348,8 +349,8 @@ class Ingress:
             }
 
         cards = [card(name, name, None, m) for name, m in self.models.items()]
-        for name, record in self.adapter_state["adapters"].items():
-            cards.append(card(name, record["path"], record["base_model"], self.models[record["base_model"]]))
+        for name, record in self.adapter_state.adapters.items():
+            cards.append(card(name, record.path, record.base_model, self.models[record.base_model]))
         return cards
 
     # --- generation -------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def _replica_id() -> str:
 async def start_engine(model: ModelConfig):
     """Start the engine a model config asks for."""
     from serve_app.engines.pt_engine import PtEngine, PtSettings
-    from serve_app.engines.vllm_engine import VllmEngine, VllmSettings
+    from serve_app.engines.vllm_engine import VllmEngine
     from serve_app.model_types import resolve_model_dir
 
     path = resolve_model_dir(model.model_type, model.model_id_or_path)
@@ -130,4 +130,4 @@ async def start_engine(model: ModelConfig):
                 trust_remote_code=bool(e.trust_remote_code),
             )
         )
-    return await VllmEngine.start(VllmSettings.from_options(path, e))
+    return await VllmEngine.start(path, e)

@@ -70,9 +70,9 @@ class _ModelTemplate:
 
     @classmethod
     def load(cls, model: ModelConfig) -> _ModelTemplate:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from serve_app.model_types import get_default_template_type, resolve_model_dir
+        from serve_app.model_types import context_length, get_default_template_type, resolve_model_dir
         from serve_app.template import get_template
 
         path = resolve_model_dir(model.model_type, model.model_id_or_path)
@@ -87,10 +87,7 @@ class _ModelTemplate:
             if model.model_type
             else "jinja"
         )
-        max_len = (
-            model.engine.max_model_len
-            or AutoConfig.from_pretrained(path, trust_remote_code=remote_code).max_position_embeddings
-        )
+        max_len = context_length(path, model.engine.max_model_len, bool(remote_code))
         return cls(get_template(template_type, tokenizer), tokenizer, template_type != "jinja", max_len)
 
     def render(self, request: RenderRequest) -> RenderedPrompt:

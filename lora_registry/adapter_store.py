@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,26 @@ class AdapterRecord:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    """What the registry's followers (ingress and engine replicas) keep: every record, and a version
+    that changes with every change (and with a registry restart)."""
+
+    version: str
+    adapters: Mapping[str, AdapterRecord]
+
+
+@dataclass(frozen=True)
+class AdapterPlacement:
+    """A record and the engine replicas that hold its adapter now."""
+
+    record: AdapterRecord
+    replicas: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {**self.record.to_dict(), "replicas": list(self.replicas)}
 
 
 _SCHEMA = """

@@ -6,11 +6,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from lora_registry.adapter_store import RegistryState
+
 logger = logging.getLogger(__name__)
 
 
 async def follow_registry(
-    registry, on_state: Callable[[dict], Awaitable[None]], version: str = "", timeout_s: float = 30.0
+    registry, on_state: Callable[[RegistryState], Awaitable[None]], version: str = "", timeout_s: float = 30.0
 ) -> None:
     """Call `on_state` with each new registry state, and at least every `timeout_s` (a heartbeat).
     Runs until cancelled; an unreachable registry (restarting) is retried every second."""
@@ -21,5 +23,5 @@ async def follow_registry(
             logger.warning("registry unreachable; retrying", exc_info=True)
             await asyncio.sleep(1)
             continue
-        version = state["version"]
+        version = state.version
         await on_state(state)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
-from lora_registry.adapter_store import AdapterRecord, AdapterStore
+from lora_registry.adapter_store import AdapterPlacement, AdapterRecord, AdapterStore, RegistryState
 from lora_registry.path_policy import PathPolicy
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 
@@ -76,29 +76,25 @@ class LoraRegistry:
 
     # --- queries ------------------------------------------------------------------------------
 
-    async def state(self) -> dict:
-        """{"version", "adapters": {name: record dict}}; the version changes with every change."""
-        return {
-            "version": f"{self.generation}:{self.counter}",
-            "adapters": {n: r.to_dict() for n, r in self.records.items()},
-        }
+    async def state(self) -> RegistryState:
+        return RegistryState(f"{self.generation}:{self.counter}", dict(self.records))
 
-    async def listen(self, known_version: str, timeout_s: float = 30.0) -> dict:
+    async def listen(self, known_version: str, timeout_s: float = 30.0) -> RegistryState:
         """Long-poll: returns as soon as the state differs from `known_version`, or at the timeout."""
         event = self._event()
-        if (await self.state())["version"] == known_version:
+        if (await self.state()).version == known_version:
             try:
                 await asyncio.wait_for(event.wait(), timeout_s)
             except TimeoutError:
                 pass
         return await self.state()
 
-    async def describe(self) -> list[dict]:
+    async def describe(self) -> list[AdapterPlacement]:
         """Records plus the engine replicas that hold each adapter now."""
         now = time.time()
         live = {r: v for r, v in self.residency.items() if now - v[2] < RESIDENCY_TTL_S}
         return [
-            {**rec.to_dict(), "replicas": sorted(r for r, (_, ids, _) in live.items() if rec.adapter_id in ids)}
+            AdapterPlacement(rec, tuple(sorted(r for r, (_, ids, _) in live.items() if rec.adapter_id in ids)))
             for rec in self.records.values()
         ]
 
@@ -109,17 +105,16 @@ class LoraRegistry:
 
     async def register(
         self, name: str, path: str, base_model: str | None = None, replace: bool = False, force: bool = False
-    ) -> dict:
-        record = self._register(name, path, base_model, replace, force)
-        return record.to_dict()
+    ) -> AdapterRecord:
+        return self._register(name, path, base_model, replace, force)
 
-    async def unregister(self, name: str) -> dict:
+    async def unregister(self, name: str) -> AdapterRecord:
         if name not in self.records:
             raise NotFoundError(f"adapter '{name}' is not registered; GET /v1/adapters lists them.", param="lora_name")
         self.store.delete(name)
         record = self.records.pop(name)
         self._notify()
-        return record.to_dict()
+        return record
 
     def _register(self, name: str, path: str, base_model: str | None, replace: bool, force: bool) -> AdapterRecord:
         self._check_name(name, replace)

@@ -18,7 +18,7 @@ from deployments.llm_server import LLMServer
 from deployments.renderer import Renderer
 from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.model_types import resolve_model_dir
+from serve_app.model_types import context_length, resolve_model_dir
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -27,6 +27,7 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def build_from_config(config: AppConfig) -> Application:
+    config = config.model_copy(update={"models": [with_context_length(m) for m in config.models]})
     registry = build_registry(config)
     servers = {
         m.served_name: serve.deployment(LLMServer).options(**LLMServer.get_deployment_options(m)).bind(m, registry)
@@ -36,6 +37,14 @@ def build_from_config(config: AppConfig) -> Application:
     ingress = serve.deployment(serve.ingress(fastapi_app)(Ingress))
     ingress = ingress.options(**Ingress.get_deployment_options(config))
     return ingress.bind(config, renderer.bind(config.models), servers, registry)
+
+
+def with_context_length(model: ModelConfig) -> ModelConfig:
+    """The model with its context length decided, so the engine is started with the same number
+    that the renderer checks prompts against and the model cards show."""
+    path = resolve_model_dir(model.model_type, model.model_id_or_path)
+    length = context_length(path, model.engine.max_model_len, bool(model.engine.trust_remote_code))
+    return model.model_copy(update={"engine": model.engine.model_copy(update={"max_model_len": length})})
 
 
 def build_registry(config: AppConfig) -> Application:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from serve_app.cli import engine_options_from_args
 from serve_app.errors import ConfigError
-from serve_app.model_types import MODELS, get_default_template_type
-from serve_app.offline import OfflineEngine, get_pt_engine, get_vllm_engine, inference_stream_vllm
+from serve_app.model_types import (
+    MODELS,
+    check_remote_code,
+    get_default_template_type,
+    resolve_model_dir,
+    trusts_remote_code,
+)
+from serve_app.offline import OfflineEngine, get_pt_engine, inference_stream_vllm, start_vllm_engine
 from serve_app.template import get_template
 
 
@@ -55,24 +62,20 @@ def build_chat_session(args: argparse.Namespace, choice) -> ChatSession:
 
 
 def _start_engine(args, choice) -> OfflineEngine:
-    common = dict(
-        model_id_or_path=choice.model_id_or_path,
-        max_model_len=args.max_model_len,
-        trust_remote_code=args.trust_remote_code,
-    )
+    options = engine_options_from_args(args, choice)
+    model_dir = resolve_model_dir(choice.model_type, choice.model_id_or_path)
+    options.trust_remote_code = trusts_remote_code(choice.model_type, options.trust_remote_code)
     if args.infer_backend == "pt":
-        return get_pt_engine(choice.model_type, None if args.dtype == "auto" else args.dtype, **common)
-    return get_vllm_engine(
-        choice.model_type,
-        None if args.dtype == "auto" else args.dtype,
-        tensor_parallel_size=args.tensor_parallel_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        enable_lora=choice.enable_lora,
-        max_loras=max(args.max_loras, len(choice.adapters)),
-        max_lora_rank=args.max_lora_rank,
-        **common,
-    )
+        return get_pt_engine(
+            choice.model_type,
+            None if options.dtype == "auto" else options.dtype,
+            model_id_or_path=choice.model_id_or_path,
+            max_model_len=options.max_model_len,
+            trust_remote_code=options.trust_remote_code,
+        )
+    check_remote_code(model_dir, options.trust_remote_code)
+    options.max_loras = max(options.max_loras, len(choice.adapters))
+    return start_vllm_engine(model_dir, choice.model_type, options)
 
 
 def _template_type(choice) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import typing
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -27,24 +29,50 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ckpt_dir", default=None, help="a checkpoint dir, or a PEFT adapter dir (served on its base)")
     group.add_argument("--template_type", default=None, help="override the template (e.g. jinja)")
     group.add_argument("--infer_backend", choices=["vllm", "pt"], default="vllm")
-    group.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
-    group.add_argument("--tensor_parallel_size", type=int, default=1)
-    group.add_argument("--max_model_len", type=int, default=None)
-    group.add_argument("--gpu_memory_utilization", type=float, default=0.9)
-    group.add_argument("--enforce_eager", type=str2bool, default=False)
-    group.add_argument("--vllm_enable_lora", type=str2bool, default=False)
-    group.add_argument("--max_loras", type=int, default=1)
-    group.add_argument("--max_lora_rank", type=int, default=16)
-    group.add_argument(
-        "--max_cpu_loras", type=int, default=None, help="adapters a replica keeps loaded (default max_loras)"
-    )
     group.add_argument("--lora_modules", nargs="*", default=[], metavar="NAME=PATH")
-    group.add_argument(
-        "--trust_remote_code",
-        type=str2bool,
-        default=None,
-        help="run the checkpoint's own code (default: on for model types that need it, e.g. qwen-7b-chat)",
-    )
+    add_engine_args(parser.add_argument_group("engine (serve_config.yaml's engine:)"))
+
+
+# Flag names that differ from the engine option's: ms-swift's name for enable_lora, and infer's
+# --seed is the sampling seed (as in ms-swift).
+ENGINE_FLAG_NAMES = {"enable_lora": "vllm_enable_lora", "seed": "engine_seed"}
+
+
+def engine_flag(name: str) -> str:
+    return ENGINE_FLAG_NAMES.get(name, name)
+
+
+def add_engine_args(group) -> None:
+    """One flag per EngineOptions field, with its type, description and default; a flag not given
+    stays None so that EngineOptions' own default applies."""
+    from serve_app.config import EngineOptions
+
+    for name, field in EngineOptions.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        group.add_argument(
+            f"--{engine_flag(name)}",
+            type=_flag_type(field.annotation),
+            default=None,
+            help=field.description + ("" if default in (None, {}) else f" (default: {default})"),
+        )
+
+
+def _flag_type(annotation):
+    if type(None) in typing.get_args(annotation):  # X | None: a flag of type X
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    kind = typing.get_origin(annotation) or annotation
+    return {bool: str2bool, dict: json.loads}.get(kind, kind)
+
+
+def engine_options_from_args(args: argparse.Namespace, choice: ModelChoice):
+    """The EngineOptions these flags give (adapters turn LoRA on)."""
+    from serve_app.config import EngineOptions
+
+    given = {name: getattr(args, engine_flag(name)) for name in EngineOptions.model_fields}
+    given = {name: value for name, value in given.items() if value is not None}
+    if choice.adapters:
+        given["enable_lora"] = True
+    return EngineOptions(**given)
 
 
 @dataclass(frozen=True)
@@ -54,7 +82,6 @@ class ModelChoice:
     model_type: str | None
     model_id_or_path: str | None
     adapters: dict[str, str]
-    enable_lora: bool
 
 
 def resolve_model_choice(args: argparse.Namespace) -> ModelChoice:
@@ -74,7 +101,7 @@ def resolve_model_choice(args: argparse.Namespace) -> ModelChoice:
         path = args.ckpt_dir
     if model_type is None and path is None:
         model_type = "tiny-chat"
-    return ModelChoice(model_type, path, adapters, enable_lora=args.vllm_enable_lora or bool(adapters))
+    return ModelChoice(model_type, path, adapters)
 
 
 def parse_lora_modules(items: list[str]) -> dict[str, str]:
@@ -105,7 +132,6 @@ def config_from_args(args: argparse.Namespace):
         AppConfig,
         AutoscalingOptions,
         DeploymentOptions,
-        EngineOptions,
         IngressConfig,
         ModelConfig,
         RegistryConfig,
@@ -118,18 +144,7 @@ def config_from_args(args: argparse.Namespace):
         deployment = DeploymentOptions(
             autoscaling=AutoscalingOptions(min_replicas=args.min_replicas, max_replicas=args.max_replicas)
         )
-    engine = EngineOptions(
-        tensor_parallel_size=args.tensor_parallel_size,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        enable_lora=choice.enable_lora,
-        max_loras=args.max_loras,
-        max_lora_rank=args.max_lora_rank,
-        max_cpu_loras=args.max_cpu_loras,
-        trust_remote_code=args.trust_remote_code,
-    )
+    engine = engine_options_from_args(args, choice)
     model = ModelConfig(
         name=args.served_model_name,
         model_type=choice.model_type,

@@ -93,11 +93,15 @@ class DeploymentOptions(Strict):
 
 
 class EngineOptions(Strict):
-    """vLLM engine arguments exposed by lorafleet; anything else goes in `engine_kwargs`."""
+    """The engine settings, declared once: `serve_config.yaml`'s `engine:`, the CLI's model flags and
+    `get_vllm_engine`'s keywords are all built from these fields, and each field is passed to vLLM's
+    `AsyncEngineArgs` under its own name (anything else goes in `engine_kwargs`)."""
 
     tensor_parallel_size: int = Field(1, ge=1, description="devices per replica; placement bundles derive from it")
     dtype: str = Field("auto", description="auto, bfloat16, float16 or float32")
-    max_model_len: int | None = Field(None, ge=16, description="context length (default: the model's)")
+    max_model_len: int | None = Field(
+        None, ge=16, description="context length (default: the checkpoint's max_position_embeddings)"
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each GPU vLLM may use")
     enforce_eager: bool = Field(False, description="skip CUDA graphs / compilation (faster start, slower decode)")
     enable_lora: bool = Field(False, description="serve LoRA adapters (on automatically when adapters are given)")
@@ -116,6 +120,20 @@ class EngineOptions(Strict):
         "need it (qwen-7b-chat, qwen-7b, chatglm3-6b), off for other models",
     )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="other vLLM AsyncEngineArgs fields")
+
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """These settings as `AsyncEngineArgs` keywords: unset ones are left to vLLM, the LoRA ones
+        only when LoRA is on, `engine_kwargs` last (it may override any of them)."""
+        lora_only = {"max_loras", "max_cpu_loras", "max_lora_rank"}
+        kwargs = {
+            name: value
+            for name, value in self.model_dump(exclude={"engine_kwargs"}).items()
+            if value is not None and (self.enable_lora or name not in lora_only)
+        }
+        return {**kwargs, **self.engine_kwargs}
+
+
+VLLM_ENGINE_FIELDS = tuple(name for name in EngineOptions.model_fields if name != "engine_kwargs")
 
 
 class ModelConfig(Strict):

@@ -131,3 +131,37 @@ def resolve_model_dir(model_type: str | None, model_id_or_path: str | None) -> s
     if not model_type:
         raise ConfigError("give model_type or model_id_or_path.", param="model_type")
     return get_model_info(model_type).hub_id
+
+
+# Where checkpoints' configs state their context length (the keys vLLM reads too).
+_CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+
+
+def context_length(model_dir: str, max_model_len: int | None, trust_remote_code: bool) -> int:
+    """A served model's context length, decided here only: the configured `max_model_len`, else the
+    smallest length the checkpoint's config states. vLLM would derive at least as much (it also
+    stretches by rope scaling), so the engine accepts the number and the renderer's checks match it."""
+    if max_model_len:
+        return max_model_len
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"cannot read the config of '{model_dir}' to find its context length ({e}); set max_model_len.",
+            param="max_model_len",
+        ) from None
+    config = getattr(config, "text_config", None) or config
+    found = [value for key in _CONTEXT_KEYS if isinstance(value := getattr(config, key, None), int)]
+    if not found:
+        raise ConfigError(f"'{model_dir}' does not state its context length; set max_model_len.", param="max_model_len")
+    return min(found)

@@ -24,7 +24,7 @@ from typing import Any
 from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
 from serve_app.config import EngineOptions
 from serve_app.engines.pt_engine import PtEngine, PtSettings
-from serve_app.engines.vllm_engine import VllmEngine, VllmSettings
+from serve_app.engines.vllm_engine import VllmEngine
 from serve_app.errors import ConfigError
 from serve_app.messages import AdapterRef, GenerationRequest, SamplingOptions
 from serve_app.model_types import (
@@ -124,10 +124,10 @@ class OfflineEngine:
         import json
         from pathlib import Path
 
-        settings = getattr(self.engine, "settings", None)
-        if isinstance(settings, VllmSettings) and not settings.enable_lora:
+        options = getattr(self.engine, "options", None)  # a vLLM engine's; pt applies any adapter
+        if options is not None and not options.enable_lora:
             raise ConfigError("this engine was built without LoRA; call get_vllm_engine(..., enable_lora=True).")
-        max_rank = settings.max_lora_rank if isinstance(settings, VllmSettings) else 1 << 16
+        max_rank = options.max_lora_rank if options is not None else 1 << 16
         base_config = json.loads((Path(self.model_dir) / "config.json").read_text())
         check_adapter_fits(inspect_adapter(ref.path), base_config, max_rank)
 
@@ -158,44 +158,40 @@ def get_vllm_engine(
     torch_dtype: Any = None,
     *,
     model_id_or_path: str | None = None,
-    gpu_memory_utilization: float = 0.9,
-    tensor_parallel_size: int = 1,
-    max_model_len: int | None = None,
-    enforce_eager: bool = False,
-    enable_lora: bool = False,
-    max_loras: int = 1,
-    max_lora_rank: int = 16,
-    max_num_seqs: int | None = None,
-    seed: int = 0,
-    trust_remote_code: bool | None = None,
-    engine_kwargs: dict | None = None,
-    **_: Any,
+    **engine_options: Any,
 ) -> OfflineEngine:
     """Start a vLLM engine for `model_type` (or a local checkpoint) and return it ready for inference.
 
-    `trust_remote_code`: run the checkpoint's own code; default: what the model type needs."""
+    `engine_options` are the fields of `serve_app.config.EngineOptions`, the same settings as
+    `serve_config.yaml`'s `engine:` and the CLI's model flags: tensor_parallel_size,
+    gpu_memory_utilization, max_model_len, enforce_eager, enable_lora, max_loras, max_lora_rank,
+    max_cpu_loras, max_num_seqs, seed, trust_remote_code (default: what the model type needs) and
+    engine_kwargs (any other vLLM AsyncEngineArgs field)."""
     model_dir = resolve_model_dir(model_type, model_id_or_path)
-    remote_code = trusts_remote_code(model_type, trust_remote_code)
-    check_remote_code(model_dir, remote_code)
-    options = EngineOptions(
-        tensor_parallel_size=tensor_parallel_size,
-        dtype=_dtype_name(torch_dtype),
-        max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization,
-        enforce_eager=enforce_eager,
-        enable_lora=enable_lora,
-        max_loras=max_loras,
-        max_lora_rank=max_lora_rank,
-        max_num_seqs=max_num_seqs,
-        seed=seed,
-        trust_remote_code=remote_code,
-        engine_kwargs=dict(engine_kwargs or {}),
-    )
-    settings = VllmSettings.from_options(model_dir, options)
+    options = _engine_options(model_type, torch_dtype, engine_options)
+    check_remote_code(model_dir, options.trust_remote_code)
+    return start_vllm_engine(model_dir, model_type, options)
+
+
+def start_vllm_engine(model_dir: str, model_type: str | None, options: EngineOptions) -> OfflineEngine:
     loop = _EventLoopThread()
-    engine = loop.run(VllmEngine.start(settings))
+    engine = loop.run(VllmEngine.start(model_dir, options))
     config = default_generation_config(model_type, model_dir)
-    return OfflineEngine(engine, loop, model_dir, model_type, config, remote_code)
+    return OfflineEngine(engine, loop, model_dir, model_type, config, bool(options.trust_remote_code))
+
+
+def _engine_options(model_type: str | None, torch_dtype: Any, given: dict[str, Any]) -> EngineOptions:
+    if unknown := sorted(set(given) - set(EngineOptions.model_fields)):
+        raise ConfigError(
+            f"get_vllm_engine() does not take {unknown}; it takes {sorted(EngineOptions.model_fields)} "
+            "(other vLLM engine arguments go in engine_kwargs).",
+            param=unknown[0],
+        )
+    if torch_dtype is not None:
+        given = {**given, "dtype": _dtype_name(torch_dtype)}
+    options = EngineOptions(**given)
+    options.trust_remote_code = trusts_remote_code(model_type, options.trust_remote_code)
+    return options
 
 
 def get_pt_engine(

@@ -31,6 +31,7 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 
+from lora_registry.adapter_store import RegistryState
 from lora_registry.follower import follow_registry
 from serve_app.messages import AdapterRef
 
@@ -95,7 +96,7 @@ class AdapterResidency:
 
     async def _load(self, adapter_id: int) -> None:
         try:
-            await self._take_slot(adapter_id)
+            await self.take_slot(adapter_id)
             try:
                 await self.engine.add_adapter(self.refs[adapter_id])
             except BaseException:
@@ -106,7 +107,7 @@ class AdapterResidency:
             self.loading.pop(adapter_id, None)
             self.freed.set()  # whoever left while it loaded, it may be idle now
 
-    async def _take_slot(self, adapter_id: int) -> None:
+    async def take_slot(self, adapter_id: int) -> None:
         """Give `adapter_id` a place in `held`, waiting in line while every held adapter is
         generating. The place is taken before any await, so concurrent loads never overfill it."""
         self.queued[adapter_id] = 0
@@ -166,9 +167,9 @@ class AdapterResidency:
         with contextlib.suppress(Exception):
             await self.registry.report_residency.remote(self.replica_id, self.model_name, ids)
 
-    async def _on_registry_state(self, state: dict) -> None:
+    async def _on_registry_state(self, state: RegistryState) -> None:
         """Drop adapters the registry no longer has (unload, or replace: the id changed)."""
-        live = {r["adapter_id"] for r in state["adapters"].values()}
+        live = {r.adapter_id for r in state.adapters.values()}
         for adapter_id in [i for i in self.held if i not in live]:
             await self.remove(adapter_id)
         await self.report()  # also the heartbeat that keeps this replica listed

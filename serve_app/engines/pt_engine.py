@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from serve_app.errors import InvalidRequestError
 from serve_app.messages import AdapterRef, Delta, GenerationRequest, SamplingOptions
+from serve_app.model_types import context_length
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class PtEngine:
             settings.model_dir, dtype=getattr(torch, settings.dtype), trust_remote_code=settings.trust_remote_code
         )
         self.model.to(device).eval()
-        self.max_model_len = settings.max_model_len or self.model.config.max_position_embeddings
+        self.max_model_len = context_length(settings.model_dir, settings.max_model_len, settings.trust_remote_code)
         self._adapters: dict[int, str] = {}  # adapter_id -> peft adapter name
         self._lock = asyncio.Lock()
         self._stops: dict[str, _StopFlag] = {}

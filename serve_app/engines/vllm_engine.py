@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from serve_app.errors import InvalidRequestError
@@ -16,78 +15,33 @@ if TYPE_CHECKING:
     from serve_app.config import EngineOptions
 
 
-@dataclass(frozen=True)
-class VllmSettings:
-    """The engine arguments lorafleet exposes; `extra` passes any other AsyncEngineArgs field."""
+def engine_args(model_dir: str, options: EngineOptions):
+    """vLLM's `AsyncEngineArgs` for this checkpoint and lorafleet's engine options."""
+    from vllm import AsyncEngineArgs
 
-    model_dir: str
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    enable_lora: bool = False
-    max_loras: int = 1
-    max_lora_rank: int = 16
-    max_cpu_loras: int | None = None
-    max_num_seqs: int | None = None
-    seed: int = 0
-    trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_options(cls, model_dir: str, options: EngineOptions) -> VllmSettings:
-        """The one place where lorafleet's engine options become vLLM settings."""
-        extra = dict(options.engine_kwargs)
-        if options.tensor_parallel_size > 1:
-            # Local worker processes on the devices this process holds (see
-            # LLMServer.get_deployment_options); inside a Ray actor vLLM would pick its Ray executor.
-            extra.setdefault("distributed_executor_backend", "mp")
-        # EngineOptions names its fields as this class does; engine_kwargs becomes `extra`.
-        fields = options.model_dump(exclude={"engine_kwargs"})
-        fields["trust_remote_code"] = bool(fields["trust_remote_code"])  # None: not resolved by a ModelConfig
-        return cls(model_dir=model_dir, extra=extra, **fields)
-
-    def engine_args(self):
-        from vllm import AsyncEngineArgs
-
-        kwargs = dict(
-            model=self.model_dir,
-            tokenizer=self.model_dir,
-            tensor_parallel_size=self.tensor_parallel_size,
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            enforce_eager=self.enforce_eager,
-            enable_lora=self.enable_lora,
-            seed=self.seed,
-            trust_remote_code=self.trust_remote_code,
-            disable_log_stats=True,
-        )
-        if self.enable_lora:
-            kwargs.update(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank)
-            if self.max_cpu_loras:
-                kwargs["max_cpu_loras"] = self.max_cpu_loras
-        if self.max_num_seqs:
-            kwargs["max_num_seqs"] = self.max_num_seqs
-        return AsyncEngineArgs(**{**kwargs, **self.extra})
+    kwargs = {"model": model_dir, "tokenizer": model_dir, "disable_log_stats": True, **options.vllm_kwargs()}
+    if options.tensor_parallel_size > 1:
+        # Local worker processes on the devices this process holds (see
+        # LLMServer.get_deployment_options); inside a Ray actor vLLM would pick its Ray executor.
+        kwargs.setdefault("distributed_executor_backend", "mp")
+    return AsyncEngineArgs(**kwargs)
 
 
 class VllmEngine:
     """Owns a vLLM `AsyncLLM`. Build it inside a running event loop (`await VllmEngine.start(...)`)."""
 
-    def __init__(self, settings: VllmSettings, async_llm):
-        self.settings = settings
+    def __init__(self, options: EngineOptions, async_llm):
+        self.options = options
         self.llm = async_llm
         self.max_model_len: int = async_llm.model_config.max_model_len
         self._running: set[str] = set()
 
     @classmethod
-    async def start(cls, settings: VllmSettings) -> VllmEngine:
+    async def start(cls, model_dir: str, options: EngineOptions) -> VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        prepare_vllm_env(settings.tensor_parallel_size)
+        prepare_vllm_env(options.tensor_parallel_size)
         # The defaults of vLLM's own OpenAI server, not of an embedded engine: on an H100/H200 that
         # is 8192 tokens per step and 1024 sequences instead of 2048 and 128. With 2048 a burst of
         # 16 prompts of 512 tokens prefills over four steps, and the last of them waits for the
@@ -96,7 +50,8 @@ class VllmEngine:
         # frames (this one too) for the life of the process, and a local would keep the engine alive
         # until the interpreter's teardown, where its __del__ fails on cleared module globals.
         return cls(
-            settings, AsyncLLM.from_engine_args(settings.engine_args(), usage_context=UsageContext.OPENAI_API_SERVER)
+            options,
+            AsyncLLM.from_engine_args(engine_args(model_dir, options), usage_context=UsageContext.OPENAI_API_SERVER),
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
@@ -136,7 +91,7 @@ class VllmEngine:
         await self.llm.remove_lora(adapter_id)
 
     async def loaded_adapter_ids(self) -> set[int]:
-        if not self.settings.enable_lora:
+        if not self.options.enable_lora:
             return set()  # asking vLLM would raise in its workers, which kills a multi-process engine
         return set(await self.llm.list_loras())
 

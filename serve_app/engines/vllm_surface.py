@@ -11,6 +11,8 @@ import dataclasses
 import importlib
 import inspect
 
+from serve_app.config import VLLM_ENGINE_FIELDS
+
 # module -> names lorafleet imports from it
 IMPORTS = {
     "vllm": ["AsyncEngineArgs", "SamplingParams"],
@@ -60,22 +62,14 @@ STRUCTURED_OUTPUT_FIELDS = [
     "json_object",
     "structural_tag",
 ]
+# What engine_args() passes, every EngineOptions field under its own name, and the engine_kwargs
+# that the shipped configs and benchmarks use.
 ENGINE_ARGS = [
     "model",
     "tokenizer",
-    "tensor_parallel_size",
-    "dtype",
-    "max_model_len",
-    "gpu_memory_utilization",
-    "enforce_eager",
-    "enable_lora",
-    "max_loras",
-    "max_lora_rank",
-    "max_cpu_loras",
-    "max_num_seqs",
-    "seed",
     "disable_log_stats",
     "distributed_executor_backend",
+    *VLLM_ENGINE_FIELDS,
     "enable_prefix_caching",
     "load_format",
 ]

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve_app import get_template, get_vllm_engine, inference_vllm
 from serve_app.config import ModelConfig
-from serve_app.engines.vllm_engine import VllmSettings
+from serve_app.engines.vllm_engine import engine_args
 from serve_app.errors import ConfigError
 from serve_app.model_types import TINY_CHAT_DIR
 from tests.serve_fixtures import FAST_START
@@ -43,7 +43,7 @@ def test_model_types_that_need_their_code_trust_it_by_default():
     assert ModelConfig(model_type="tiny-chat").engine.trust_remote_code is False
     assert ModelConfig(model_type="qwen-7b-chat", engine={"trust_remote_code": False}).engine.trust_remote_code is False
     model = ModelConfig(model_type="qwen-7b-chat")
-    assert VllmSettings.from_options("/m", model.engine).engine_args().trust_remote_code is True
+    assert engine_args("/m", model.engine).trust_remote_code is True
 
 
 def test_untrusted_code_is_refused_with_a_clear_error(remote_checkpoint):

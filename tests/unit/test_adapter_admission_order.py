@@ -27,7 +27,7 @@ async def slot_order(arrivals: list[list[tuple[int, int]]]) -> list[int]:
 
     async def wait_for_slot(adapter_id: int, requests: int) -> None:
         residency.in_use[adapter_id] = requests
-        await residency._take_slot(adapter_id)
+        await residency.take_slot(adapter_id)
         order.append(adapter_id)
 
     tasks = []

@@ -1,5 +1,10 @@
 """`lorafleet deploy` flags build the same AppConfig as the YAML."""
 
+import contextlib
+import io
+
+import pytest
+
 from serve_app.cli import build_parser, config_from_args
 from serve_app.model_types import XIAO_HUANG_DIR
 
@@ -46,3 +51,60 @@ def test_ckpt_dir_of_an_adapter_serves_its_base_plus_default_lora():
 def test_served_model_name_and_fixed_replicas():
     model = config("--served_model_name", "chat", "--num_replicas", "3").models[0]
     assert model.served_name == "chat" and model.deployment.num_replicas == 3
+
+
+def test_every_engine_option_is_a_flag_and_unset_flags_keep_the_yaml_defaults():
+    from serve_app.cli import engine_flag
+    from serve_app.config import EngineOptions
+
+    help_text = io.StringIO()
+    with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit):
+        build_parser().parse_args(["deploy", "--help"])
+    for name in EngineOptions.model_fields:
+        assert f"--{engine_flag(name)} " in help_text.getvalue()
+    assert config().models[0].engine == EngineOptions(trust_remote_code=False)
+    engine = config("--engine_seed", "7", "--engine_kwargs", '{"enable_prefix_caching": false}').models[0].engine
+    assert engine.seed == 7 and engine.engine_kwargs == {"enable_prefix_caching": False}
+
+
+def test_engine_options_reach_vllm_under_their_own_names():
+    from serve_app.config import EngineOptions
+    from serve_app.engines.vllm_surface import ENGINE_ARGS
+
+    options = EngineOptions(max_model_len=64, max_num_seqs=8, engine_kwargs={"seed": 3})
+    assert options.vllm_kwargs() == {
+        "tensor_parallel_size": 1,
+        "dtype": "auto",
+        "max_model_len": 64,
+        "gpu_memory_utilization": 0.9,
+        "enforce_eager": False,
+        "enable_lora": False,
+        "max_num_seqs": 8,
+        "seed": 3,
+    }
+    lora = EngineOptions(enable_lora=True, max_loras=2).vllm_kwargs()
+    assert (lora["max_loras"], lora["max_lora_rank"]) == (2, 16) and "max_cpu_loras" not in lora
+    assert set(EngineOptions.model_fields) - {"engine_kwargs"} <= set(ENGINE_ARGS)
+
+
+def test_context_length_is_decided_once_for_the_app(tmp_path):
+    import json
+    import shutil
+
+    from serve_app.app import with_context_length
+    from serve_app.config import ModelConfig
+    from serve_app.errors import ConfigError
+    from serve_app.model_types import TINY_CHAT_DIR, context_length
+
+    assert with_context_length(ModelConfig(model_type="tiny-chat")).engine.max_model_len == 1024
+    assert (
+        with_context_length(ModelConfig(model_type="tiny-chat", engine={"max_model_len": 300})).engine.max_model_len
+        == 300
+    )
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(TINY_CHAT_DIR, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config | {"seq_length": 512}))
+    assert context_length(str(ckpt), None, False) == 512  # the smallest length the config states
+    with pytest.raises(ConfigError, match="set max_model_len"):
+        context_length(str(tmp_path / "nowhere"), None, False)

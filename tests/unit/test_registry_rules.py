@@ -41,9 +41,9 @@ def registry(tmp_path, adapters, **startup):
 def test_register_persists_and_survives_a_restart(tmp_path, adapters):
     reg = registry(tmp_path, adapters)
     record = run(reg.register("a", str(adapters["a"])))
-    assert record["base_model"] == "tiny-chat" and record["rank"] == 4 and record["version"] == 1
+    assert record.base_model == "tiny-chat" and record.rank == 4 and record.version == 1
     again = registry(tmp_path, adapters)
-    assert run(again.state())["adapters"]["a"]["adapter_id"] == record["adapter_id"]
+    assert run(again.state()).adapters["a"].adapter_id == record.adapter_id
 
 
 def test_replace_gets_a_new_id_and_version(tmp_path, adapters):
@@ -52,17 +52,17 @@ def test_replace_gets_a_new_id_and_version(tmp_path, adapters):
     with pytest.raises(ConflictError, match="replace=true"):
         run(reg.register("a", str(adapters["b"])))
     second = run(reg.register("a", str(adapters["b"]), replace=True))
-    assert second["adapter_id"] > first["adapter_id"] and second["version"] == 2
+    assert second.adapter_id > first.adapter_id and second.version == 2
     run(reg.unregister("a"))
     third = run(reg.register("a", str(adapters["a"])))
-    assert third["adapter_id"] > second["adapter_id"]  # ids are never reused
+    assert third.adapter_id > second.adapter_id  # ids are never reused
 
 
 def test_startup_adapters_keep_their_id_across_restarts(tmp_path, adapters):
     startup = {"xiao-huang": ("tiny-chat", str(XIAO_HUANG_DIR))}
-    first = run(registry(tmp_path, adapters, **startup).state())["adapters"]["xiao-huang"]
-    second = run(registry(tmp_path, adapters, **startup).state())["adapters"]["xiao-huang"]
-    assert first["adapter_id"] == second["adapter_id"]
+    first = run(registry(tmp_path, adapters, **startup).state()).adapters["xiao-huang"]
+    second = run(registry(tmp_path, adapters, **startup).state()).adapters["xiao-huang"]
+    assert first.adapter_id == second.adapter_id
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_validation_failures_name_the_problem(tmp_path, adapters, name, key, err
 
 def test_force_skips_the_base_model_check_but_not_the_rank(tmp_path, adapters):
     reg = registry(tmp_path, adapters)
-    assert run(reg.register("foreign", str(adapters["foreign"]), force=True))["name"] == "foreign"
+    assert run(reg.register("foreign", str(adapters["foreign"]), force=True)).name == "foreign"
 
 
 def test_missing_peft_files(tmp_path, adapters):
@@ -101,13 +101,13 @@ def test_listen_returns_on_change(tmp_path, adapters):
     reg = registry(tmp_path, adapters)
 
     async def scenario():
-        version = (await reg.state())["version"]
+        version = (await reg.state()).version
         waiter = asyncio.create_task(reg.listen(version, timeout_s=10))
         await asyncio.sleep(0.05)
         assert not waiter.done()
         await reg.register("a", str(adapters["a"]))
         state = await asyncio.wait_for(waiter, 1)
-        assert "a" in state["adapters"] and state["version"] != version
+        assert "a" in state.adapters and state.version != version
 
     run(scenario())
 
