@@ -141,6 +141,25 @@ def start_lorafleet(args, state: Path) -> subprocess.Popen:
     )
 
 
+def start_lorafleet_deploy(args, state: Path) -> subprocess.Popen:
+    """lorafleet as a user starts it: `lorafleet deploy` with its defaults (adapters given at start,
+    residency sized by lorafleet); only the port, the state folder and what the model needs are set."""
+    cmd = [str(ROOT / ".venv" / "bin" / "lorafleet"), "deploy", "--port", str(PORT), "--state_dir", str(state)]
+    cmd += ["--max_model_len", str(args.max_model_len)]
+    if Path(args.model_dir) == Path(MODEL):
+        cmd += ["--model_type", "tiny-chat"]
+    else:
+        cmd += ["--model_id_or_path", str(args.model_dir), "--served_model_name", args.name]
+        cmd += ["--template_type", args.template, "--tensor_parallel_size", str(args.tp)]
+    if args.load_format:
+        cmd += ["--engine_kwargs", json.dumps({"load_format": args.load_format})]
+    if args.adapters:
+        cmd += ["--max_lora_rank", str(args.lora_rank), "--adapter_roots", str(args.out / "adapters")]
+        cmd += ["--lora_modules", *(f"{n}={p}" for n, p in args.adapters.items())]
+    log = open(Path(args.out) / "lorafleet-deploy-server.log", "w")  # noqa: SIM115 (lives as long as the server)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+
 def start_ray_serve_llm(args) -> subprocess.Popen:
     """Ray's own `ray.serve.llm.build_openai_app`, same engine arguments."""
     engine = {
@@ -243,7 +262,7 @@ def load(system: str, concurrency: int, args, out: Path, loras: list[str] = (), 
     if loras:  # each request picks one of these at random
         cmd += ["--lora-modules", *loras]
     # /metrics is per ingress replica (HAProxy picks one per scrape): counts only add up with one
-    before = lorafleet_counts() if system == "lorafleet" and args.ingress_replicas == 1 else None
+    before = lorafleet_counts() if system.startswith("lorafleet") and args.ingress_replicas == 1 else None
     with open(out / name.replace(".json", ".log"), "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     result = json.loads((out / name).read_text())
@@ -374,7 +393,7 @@ def ttft_table(results: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for (system, c), r in sorted(results.items(), key=lambda kv: kv[0][1]):
-        if system == "lorafleet" and (p := r.get("ttft_parts_ms")):
+        if system.startswith("lorafleet") and (p := r.get("ttft_parts_ms")):
             rows.append(f"| {c} | {p['ttft']:.1f} | {p['render']:.1f} | {p['engine']:.1f} | {p['hops']:.1f} |")
     return "\n".join(rows) if len(rows) > 4 else ""
 
@@ -432,7 +451,9 @@ def main() -> None:
         "--systems",
         nargs="+",
         default=["vllm", "ray-serve-llm", "lorafleet"],
-        choices=["vllm", "ray-serve-llm", "lorafleet"],
+        choices=["vllm", "ray-serve-llm", "lorafleet", "lorafleet-deploy"],
+        help="lorafleet: launched by this script with tuned deployment options; lorafleet-deploy: "
+        "`lorafleet deploy` with its defaults, as users start it",
     )
     parser.add_argument("--loras", type=int, default=0, help="multi-LoRA workload with this many adapters (peft)")
     parser.add_argument("--max-loras", type=int, default=4, help="adapters resident per replica (both servers)")
@@ -453,6 +474,7 @@ def main() -> None:
         "vllm": lambda: start_vllm(args),
         "ray-serve-llm": lambda: start_ray_serve_llm(args),
         "lorafleet": lambda: start_lorafleet(args, args.out / "state"),
+        "lorafleet-deploy": lambda: start_lorafleet_deploy(args, args.out / "state-deploy"),
     }
     found = earlier_results(args) if args.keep else Findings()
     args.adapters, args.spare_adapters = make_adapters(args)

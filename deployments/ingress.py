@@ -91,7 +91,10 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics_route(self):
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        replicas = []
+        with contextlib.suppress(Exception):  # the registry restarting: the ingress's own metrics still answer
+            replicas = await asyncio.wait_for(self.registry.replicas.remote(), timeout=2)
+        return Response(self.metrics.render(replicas), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):
@@ -220,7 +223,7 @@ class Ingress:
     async def load_lora_adapter(self, request: Request):
         body = await self.read_admin_body(request, LoadLoraRequest)
         record = await self.registry.register.remote(
-            body.lora_name, body.lora_path, body.base_model, body.replace, body.force
+            body.lora_name, body.lora_path, body.base_model, body.replace, body.force, body.pinned, body.preload
         )
         await self._refresh_adapters()
         return {
@@ -243,12 +246,19 @@ class Ingress:
     @app.get("/v1/adapters")
     async def list_adapters(self, request: Request):
         self.check_admin_key(request)
-        return {"object": "list", "data": [p.to_dict() for p in await self.registry.describe.remote()]}
+        placements, replicas = await asyncio.gather(self.registry.describe.remote(), self.registry.replicas.remote())
+        return {
+            "object": "list",
+            "data": [p.to_dict() for p in placements],
+            "engine_replicas": [dataclasses.asdict(r) for r in replicas],  # slots chosen, in use, loads
+        }
 
     @app.post("/v1/adapters", status_code=201)
     async def create_adapter(self, request: Request):
         body = await self.read_admin_body(request, AdapterCreate)
-        record = await self.registry.register.remote(body.name, body.path, body.base_model, body.replace, body.force)
+        record = await self.registry.register.remote(
+            body.name, body.path, body.base_model, body.replace, body.force, body.pinned, body.preload
+        )
         await self._refresh_adapters()
         return JSONResponse({"object": "lora_adapter", **record.to_dict()}, status_code=201)
 

@@ -10,6 +10,7 @@ from deployments.engine_replica.coalesce import coalesce
 from deployments.engine_replica.reaper import watch_engine_processes
 from deployments.engine_replica.residency import AdapterResidency
 from serve_app.config import ModelConfig
+from serve_app.engines import lora_slots
 from serve_app.messages import Delta, FirstMessage, GenerationRequest, ServedBy
 from serve_app.platform import freeze_startup_heap, has_nvidia_gpu
 
@@ -28,12 +29,15 @@ class LLMServer:
     """
 
     async def __init__(self, model: ModelConfig, registry=None, engine_starter=None):
-        self.model = model
+        # max_loras / max_cpu_loras "auto" become numbers here, where the accelerator is known
+        self.model, self.slots = lora_slots.for_model(model, await _registered_adapters(registry, model))
         starter = engine_starter or start_engine
-        self.engine = await starter(model)
+        self.engine = await starter(self.model)
         self._reaper = watch_engine_processes()  # engine processes must not outlive a killed replica
-        capacity = model.engine.max_cpu_loras or model.engine.max_loras
-        self.adapters = AdapterResidency(self.engine, model.served_name, capacity, registry, _replica_id())
+        self.adapters = AdapterResidency(
+            self.engine, model.served_name, self.slots.host, registry, _replica_id(), self.slots.engine
+        )
+        await self.adapters.start()  # adapters marked preload are loaded before the first request
         self.streams = 0  # requests streaming from this replica now
         freeze_startup_heap()
 
@@ -102,6 +106,14 @@ class LLMServer:
         else:
             options["num_replicas"] = opts.num_replicas or 1
         return options
+
+
+async def _registered_adapters(registry, model: ModelConfig) -> int:
+    """Adapters registered for this model now (the startup ones included)."""
+    if registry is None:
+        return len(model.lora_modules)
+    state = await registry.state.remote()
+    return sum(record.base_model == model.served_name for record in state.adapters.values())
 
 
 def _replica_id() -> str:

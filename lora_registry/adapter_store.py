@@ -6,7 +6,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 
 
@@ -22,6 +22,8 @@ class AdapterRecord:
     target_modules: tuple[str, ...]
     version: int
     created_at: float
+    pinned: bool = False  # never evicted from an engine replica that holds it
+    preload: bool = False  # loaded on every replica of its base at start and on registration
 
     def to_dict(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}
@@ -34,6 +36,22 @@ class RegistryState:
 
     version: str
     adapters: Mapping[str, AdapterRecord]
+
+
+@dataclass(frozen=True)
+class ReplicaResidency:
+    """What one engine replica reports of its adapters (with every change, and every few seconds)."""
+
+    replica: str
+    model: str
+    adapter_ids: tuple[int, ...]  # in the engine now
+    engine_slots: int  # adapters one batch can mix (max_loras)
+    host_slots: int  # adapters the replica keeps loaded (max_cpu_loras)
+    in_use: int  # held adapters that requests are generating with
+    waiting: int  # requests waiting for a slot
+    loads: int  # adapter loads since the replica started
+    load_seconds: float  # their total time
+    pinned: tuple[int, ...]  # held adapters that are never evicted
 
 
 @dataclass(frozen=True)
@@ -56,7 +74,9 @@ CREATE TABLE IF NOT EXISTS adapters (
     rank INTEGER NOT NULL,
     target_modules TEXT NOT NULL,
     version INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    preload INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -72,39 +92,34 @@ class AdapterStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(adapters)")}
+        for column in ("pinned", "preload") if "pinned" not in columns else ():  # a state dir of before
+            self.db.execute(f"ALTER TABLE adapters ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
     def all(self) -> dict[str, AdapterRecord]:
-        rows = self.db.execute("SELECT * FROM adapters ORDER BY adapter_id").fetchall()
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM adapters ORDER BY adapter_id").fetchall()
         return {row[0]: _record(row) for row in rows}
 
-    def put(self, name: str, path: str, base_model: str, rank: int, target_modules: tuple[str, ...]) -> AdapterRecord:
+    def put(
+        self,
+        name: str,
+        path: str,
+        base_model: str,
+        rank: int,
+        target_modules: tuple[str, ...],
+        pinned: bool = False,
+        preload: bool = False,
+    ) -> AdapterRecord:
         """Insert or replace `name`, with a fresh adapter id, in one transaction."""
         with self._transaction():
             adapter_id = self._next("adapter_id")
             previous = self.db.execute("SELECT version FROM adapters WHERE name = ?", (name,)).fetchone()
+            version = (previous[0] + 1) if previous else 1
             record = AdapterRecord(
-                name,
-                adapter_id,
-                path,
-                base_model,
-                rank,
-                tuple(target_modules),
-                (previous[0] + 1) if previous else 1,
-                time.time(),
+                name, adapter_id, path, base_model, rank, tuple(target_modules), version, time.time(), pinned, preload
             )
-            self.db.execute(
-                "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    name,
-                    adapter_id,
-                    path,
-                    base_model,
-                    rank,
-                    json.dumps(list(target_modules)),
-                    record.version,
-                    record.created_at,
-                ),
-            )
+            row = (*astuple(record)[:5], json.dumps(list(target_modules)), *astuple(record)[6:])
+            self.db.execute(f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({', '.join('?' * len(row))})", row)
         return record
 
     def delete(self, name: str) -> None:
@@ -135,6 +150,11 @@ class _Transaction:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+_COLUMNS = ", ".join(f.name for f in fields(AdapterRecord))  # the table's columns, in the record's order
+
+
 def _record(row) -> AdapterRecord:
-    name, adapter_id, path, base, rank, targets, version, created = row
-    return AdapterRecord(name, adapter_id, path, base, rank, tuple(json.loads(targets)), version, created)
+    name, adapter_id, path, base, rank, targets, version, created, pinned, preload = row
+    return AdapterRecord(
+        name, adapter_id, path, base, rank, tuple(json.loads(targets)), version, created, bool(pinned), bool(preload)
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
-from lora_registry.adapter_store import AdapterPlacement, AdapterRecord, AdapterStore, RegistryState
+from lora_registry.adapter_store import AdapterPlacement, AdapterRecord, AdapterStore, RegistryState, ReplicaResidency
 from lora_registry.path_policy import PathPolicy
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 
@@ -24,6 +24,16 @@ VLLM_LORA_MODULES = frozenset(
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 RESIDENCY_TTL_S = 20.0
+
+
+@dataclass(frozen=True)
+class StartupAdapter:
+    """An adapter of the config (`lora_modules`), registered when the registry starts."""
+
+    base_model: str
+    path: str
+    pinned: bool = False
+    preload: bool = True
 
 
 @dataclass(frozen=True)
@@ -39,23 +49,24 @@ class BaseModelSpec:
 
 class LoraRegistry:
     def __init__(
-        self, state_dir: str, bases: list[BaseModelSpec], allowed_roots: list[str], startup: dict[str, tuple[str, str]]
+        self, state_dir: str, bases: list[BaseModelSpec], allowed_roots: list[str], startup: dict[str, StartupAdapter]
     ):
         state = Path(state_dir).expanduser()
         (state / "adapters").mkdir(parents=True, exist_ok=True)
         self.store = AdapterStore(state / "registry.sqlite")
         self.bases = {b.name: b for b in bases}
-        startup_roots = [str(Path(path).parent) for _, path in startup.values()]
+        startup_roots = [str(Path(adapter.path).parent) for adapter in startup.values()]
         self.policy = PathPolicy([*allowed_roots, str(state / "adapters"), *startup_roots])
         self.records: dict[str, AdapterRecord] = self.store.all()
         self.generation = uuid.uuid4().hex[:8]  # a restart invalidates every listener's version
         self.counter = 0
         self._changed: asyncio.Event | None = None
-        self.residency: dict[str, tuple[str, list[int], float]] = {}  # replica -> (model, ids, seen)
-        for name, (base, path) in startup.items():
+        self.residency: dict[str, tuple[ReplicaResidency, float]] = {}  # replica -> (its report, when)
+        for name, adapter in startup.items():
             current = self.records.get(name)
-            if current is None or current.path != self.policy.check(path) or current.base_model != base:
-                self._register(name, path, base, replace=True, force=False)
+            wanted = (self.policy.check(adapter.path), adapter.base_model, adapter.pinned, adapter.preload)
+            if current is None or (current.path, current.base_model, current.pinned, current.preload) != wanted:
+                self._register(name, adapter.path, adapter.base_model, True, False, adapter.pinned, adapter.preload)
 
     @classmethod
     def get_deployment_options(cls) -> dict:
@@ -91,22 +102,33 @@ class LoraRegistry:
 
     async def describe(self) -> list[AdapterPlacement]:
         """Records plus the engine replicas that hold each adapter now."""
-        now = time.time()
-        live = {r: v for r, v in self.residency.items() if now - v[2] < RESIDENCY_TTL_S}
+        live = await self.replicas()
         return [
-            AdapterPlacement(rec, tuple(sorted(r for r, (_, ids, _) in live.items() if rec.adapter_id in ids)))
+            AdapterPlacement(rec, tuple(sorted(r.replica for r in live if rec.adapter_id in r.adapter_ids)))
             for rec in self.records.values()
         ]
 
-    async def report_residency(self, replica: str, model: str, adapter_ids: list[int]) -> None:
-        self.residency[replica] = (model, list(adapter_ids), time.time())
+    async def replicas(self) -> list[ReplicaResidency]:
+        """The last report of every engine replica heard from lately."""
+        now = time.time()
+        return [report for report, seen in self.residency.values() if now - seen < RESIDENCY_TTL_S]
+
+    async def report_residency(self, report: ReplicaResidency) -> None:
+        self.residency[report.replica] = (report, time.time())
 
     # --- changes ------------------------------------------------------------------------------
 
     async def register(
-        self, name: str, path: str, base_model: str | None = None, replace: bool = False, force: bool = False
+        self,
+        name: str,
+        path: str,
+        base_model: str | None = None,
+        replace: bool = False,
+        force: bool = False,
+        pinned: bool = False,
+        preload: bool = False,
     ) -> AdapterRecord:
-        return self._register(name, path, base_model, replace, force)
+        return self._register(name, path, base_model, replace, force, pinned, preload)
 
     async def unregister(self, name: str) -> AdapterRecord:
         if name not in self.records:
@@ -116,7 +138,16 @@ class LoraRegistry:
         self._notify()
         return record
 
-    def _register(self, name: str, path: str, base_model: str | None, replace: bool, force: bool) -> AdapterRecord:
+    def _register(
+        self,
+        name: str,
+        path: str,
+        base_model: str | None,
+        replace: bool,
+        force: bool,
+        pinned: bool = False,
+        preload: bool = False,
+    ) -> AdapterRecord:
         self._check_name(name, replace)
         real = self.policy.check(path)  # before anything under `path` is read
         info = inspect_adapter(real)
@@ -128,7 +159,7 @@ class LoraRegistry:
                 param="lora_path",
             )
         check_adapter_fits(info, base.config, base.max_lora_rank, force=force)
-        record = self.store.put(name, real, base.name, info.rank, info.target_modules)  # committed here
+        record = self.store.put(name, real, base.name, info.rank, info.target_modules, pinned, preload)  # committed
         self.records[name] = record
         self._notify()
         return record

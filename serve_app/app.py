@@ -16,7 +16,7 @@ from deployments.ingress import Ingress
 from deployments.ingress import app as fastapi_app
 from deployments.llm_server import LLMServer
 from deployments.renderer import Renderer
-from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry
+from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry, StartupAdapter
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.model_types import context_length, resolve_model_dir
 
@@ -50,7 +50,11 @@ def with_context_length(model: ModelConfig) -> ModelConfig:
 def build_registry(config: AppConfig) -> Application:
     """The registry deployment, bound to the base models it checks adapters against."""
     bases = [base_model_spec(m) for m in config.models]
-    startup = {name: (m.served_name, path) for m in config.models for name, path in m.lora_modules.items()}
+    startup = {
+        name: StartupAdapter(m.served_name, module.path, module.pinned, module.preload)
+        for m in config.models
+        for name, module in m.lora_modules.items()
+    }
     registry = serve.deployment(LoraRegistry).options(**LoraRegistry.get_deployment_options())
     return registry.bind(config.registry.state_dir, bases, config.registry.allowed_roots, startup)
 

@@ -74,8 +74,7 @@ def _start_engine(args, choice) -> OfflineEngine:
             trust_remote_code=options.trust_remote_code,
         )
     check_remote_code(model_dir, options.trust_remote_code)
-    options.max_loras = max(options.max_loras, len(choice.adapters))
-    return start_vllm_engine(model_dir, choice.model_type, options)
+    return start_vllm_engine(model_dir, choice.model_type, options, adapters=len(choice.adapters))
 
 
 def _template_type(choice) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
 import typing
 from dataclasses import dataclass
 
@@ -53,15 +54,21 @@ def add_engine_args(group) -> None:
             f"--{engine_flag(name)}",
             type=_flag_type(field.annotation),
             default=None,
-            help=field.description + ("" if default in (None, {}) else f" (default: {default})"),
+            help=(field.description + ("" if default in (None, {}) else f" (default: {default})")).replace("%", "%%"),
         )
 
 
 def _flag_type(annotation):
-    if type(None) in typing.get_args(annotation):  # X | None: a flag of type X
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    kind = typing.get_origin(annotation) or annotation
-    return {bool: str2bool, dict: json.loads}.get(kind, kind)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = [typing.get_origin(a) or a for a in (typing.get_args(annotation) if union else (annotation,))]
+    kinds = [k for k in kinds if k is not type(None)]
+    if typing.Literal in kinds:  # a number or a word, e.g. --max_loras auto
+        return _number_or_word
+    return {bool: str2bool, dict: json.loads}.get(kinds[0], kinds[0])
+
+
+def _number_or_word(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
 
 
 def engine_options_from_args(args: argparse.Namespace, choice: ModelChoice):

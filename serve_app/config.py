@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.model_types import MODELS, check_remote_code, get_model_info, trusts_remote_code
 
@@ -105,11 +105,15 @@ class EngineOptions(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each GPU vLLM may use")
     enforce_eager: bool = Field(False, description="skip CUDA graphs / compilation (faster start, slower decode)")
     enable_lora: bool = Field(False, description="serve LoRA adapters (on automatically when adapters are given)")
-    max_loras: int = Field(4, ge=1, description="adapters one engine batch can mix (vLLM max_loras)")
-    max_cpu_loras: int | None = Field(
-        None,
-        ge=1,
-        description="adapters a replica keeps loaded (LRU, evicted ones are removed from the engine); default max_loras",
+    max_loras: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="adapters one engine batch can mix (vLLM max_loras); auto: one per adapter registered at "
+        "start, at least 4, at most 64 and what 5% of the accelerator memory holds",
+    )
+    max_cpu_loras: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="adapters a replica keeps loaded (LRU, evicted ones are removed from the engine); auto: what "
+        "10% of the free host memory holds (at most 1024); none: max_loras",
     )
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the engine accepts")
     max_num_seqs: int | None = Field(None, ge=1, description="sequences per engine step (batch size)")
@@ -125,6 +129,8 @@ class EngineOptions(Strict):
         """These settings as `AsyncEngineArgs` keywords: unset ones are left to vLLM, the LoRA ones
         only when LoRA is on, `engine_kwargs` last (it may override any of them)."""
         lora_only = {"max_loras", "max_cpu_loras", "max_lora_rank"}
+        if self.enable_lora and "auto" in (self.max_loras, self.max_cpu_loras):
+            raise ValueError("max_loras / max_cpu_loras 'auto' must be resolved first (engines/lora_slots.py)")
         kwargs = {
             name: value
             for name, value in self.model_dump(exclude={"engine_kwargs"}).items()
@@ -134,6 +140,14 @@ class EngineOptions(Strict):
 
 
 VLLM_ENGINE_FIELDS = tuple(name for name in EngineOptions.model_fields if name != "engine_kwargs")
+
+
+class LoraModule(Strict):
+    """An adapter served from the start. In `lora_modules` a bare path means these defaults."""
+
+    path: str = Field(description="the PEFT adapter folder")
+    pinned: bool = Field(False, description="never evicted from an engine replica once loaded")
+    preload: bool = Field(True, description="loaded on every engine replica before it takes requests")
 
 
 class ModelConfig(Strict):
@@ -152,8 +166,9 @@ class ModelConfig(Strict):
     )
     infer_backend: Literal["vllm", "pt"] = Field("vllm", description="vllm, or pt (transformers + peft)")
     engine: EngineOptions = Field(default_factory=EngineOptions)
-    lora_modules: dict[str, str] = Field(
-        default_factory=dict, description="adapters served from the start: name -> path"
+    lora_modules: dict[str, LoraModule] = Field(
+        default_factory=dict,
+        description="adapters served from the start: name -> path, or name -> {path, pinned, preload}",
     )
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(autoscaling=AutoscalingOptions()))
     streams_per_token_batch: int = Field(
@@ -174,8 +189,16 @@ class ModelConfig(Strict):
             check_remote_code(str(Path(self.model_id_or_path).expanduser()), self.engine.trust_remote_code)
         if self.lora_modules:
             self.engine.enable_lora = True
-            self.lora_modules = {name: resolve_path(path) for name, path in self.lora_modules.items()}
+            for module in self.lora_modules.values():
+                module.path = resolve_path(module.path)
         return self
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _paths_are_modules(cls, value):
+        if isinstance(value, dict):
+            return {name: {"path": v} if isinstance(v, str | Path) else v for name, v in value.items()}
+        return value
 
     @property
     def served_name(self) -> str:

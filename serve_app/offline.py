@@ -23,6 +23,7 @@ from typing import Any
 
 from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
 from serve_app.config import EngineOptions
+from serve_app.engines import lora_slots
 from serve_app.engines.pt_engine import PtEngine, PtSettings
 from serve_app.engines.vllm_engine import VllmEngine
 from serve_app.errors import ConfigError
@@ -173,7 +174,12 @@ def get_vllm_engine(
     return start_vllm_engine(model_dir, model_type, options)
 
 
-def start_vllm_engine(model_dir: str, model_type: str | None, options: EngineOptions) -> OfflineEngine:
+def start_vllm_engine(
+    model_dir: str, model_type: str | None, options: EngineOptions, adapters: int = 0
+) -> OfflineEngine:
+    """`adapters`: how many adapters the caller will use (sizes `max_loras: auto`)."""
+    hf = lora_slots.hf_config(model_dir, bool(options.trust_remote_code))
+    options, _ = lora_slots.resolve(options, model_dir, adapters, hf)
     loop = _EventLoopThread()
     engine = loop.run(VllmEngine.start(model_dir, options))
     config = default_generation_config(model_type, model_dir)

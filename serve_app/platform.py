@@ -72,7 +72,7 @@ def prepare_vllm_env(tensor_parallel_size: int) -> None:
     # On the CPU platform vLLM otherwise runs the model in a worker process of its own beside the
     # engine-core process ("mp" executor, vllm/platforms/cpu.py); with 0 the engine core runs it.
     # One busy process and one IPC hop fewer on a few cores: measured 386 -> 567 tok/s at one
-    # stream (docs/benchmarks.md). Tensor-parallel engines keep "mp" (VllmSettings sets it).
+    # stream (docs/benchmarks.md). Tensor-parallel engines keep "mp" (engine_args sets it).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # The engine process reads the binding when it starts; a value we set for one engine must not
     # leak into the next one with another tensor_parallel_size.

@@ -17,8 +17,6 @@ pytest_plugins = ["tests.serve_fixtures"]  # Ray Serve apps shared by tests/serv
 # - "engines": offline engines, the CLI and unit tests, which never touch Ray;
 # - "main": everything on the session's main app, whose tests count its requests and wait for its
 #   engine to go idle, so no other process may send it work meanwhile.
-# - "late": another module with an app of its own, handed to whichever process is free first once
-#   the others are under way (in a measured run, the apps took 740 s and engines + main 500 s).
 # The first two start together; "main" follows "engines" in that process. Most Ray tests wait on
 # replicas starting and on timers; the other process uses the core meanwhile.
 GROUPS = {
@@ -27,10 +25,10 @@ GROUPS = {
         "tests/serve/test_adapter_admission.py",
         "tests/serve/test_failures.py",
         "tests/serve/test_guarded_app.py",
+        "tests/serve/test_lora_registry.py",
         "tests/serve/test_scaling_and_tp.py",
         "tests/unit/test_haproxy_guard.py",
     ),
-    "late": ("tests/serve/test_lora_registry.py",),
     "main": ("tests/serve/", "tests/browser/"),
 }
 
@@ -50,7 +48,7 @@ def pytest_xdist_make_scheduler(config, log):
     return ByGroup(config, log)
 
 
-RANK = {"apps": 0, "engines": 1, "main": 2, "late": 3}
+RANK = {"apps": 0, "engines": 1, "main": 2}
 
 
 def pytest_collection_modifyitems(items):
@@ -66,7 +64,7 @@ def pytest_collection_modifyitems(items):
 def vllm_engine():
     from serve_app import ModelType, get_vllm_engine
 
-    engine = get_vllm_engine(ModelType.tiny_chat, enable_lora=True, max_loras=2, max_lora_rank=16)
+    engine = get_vllm_engine(ModelType.tiny_chat, enable_lora=True, max_lora_rank=16)  # max_loras: auto
     yield engine
     engine.shutdown()
 

@@ -20,7 +20,10 @@ The engine's adapters are managed here, at most `capacity` of them:
   (bench/admission_sim.py), the engine runs 11% more requests per step. An adapter passed over
   `PASSES_BEFORE_FIRST` x capacity times goes first, which bounds how long a lone request waits.
 Adapters unregistered or replaced in the registry leave the engine as soon as the registry's
-long-poll says so (after their last running request).
+long-poll says so (after their last running request). Registry records marked `preload` are loaded
+before the replica takes requests and as soon as they are registered (up to `capacity`), so their
+first request does no load; `pinned` ones are never chosen for eviction (at most capacity - 1 of
+them, so that other adapters still find a slot).
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 
-from lora_registry.adapter_store import RegistryState
+from lora_registry.adapter_store import AdapterRecord, RegistryState, ReplicaResidency
 from lora_registry.follower import follow_registry
 from serve_app.messages import AdapterRef
 
@@ -41,11 +45,22 @@ PASSES_BEFORE_FIRST = 4  # x capacity: then an adapter waiting for a slot goes f
 
 
 class AdapterResidency:
-    def __init__(self, engine, model_name: str, capacity: int, registry=None, replica_id: str = "local"):
+    def __init__(
+        self,
+        engine,
+        model_name: str,
+        capacity: int,
+        registry=None,
+        replica_id: str = "local",
+        engine_slots: int | None = None,
+    ):
         from ray import serve
 
         self.engine, self.model_name, self.registry, self.replica_id = engine, model_name, registry, replica_id
-        self.capacity = capacity
+        self.capacity = capacity  # adapters held in the engine (max_cpu_loras)
+        self.engine_slots = engine_slots or capacity  # adapters one batch can mix (max_loras), reported only
+        self.pinned: set[int] = set()
+        self.loads, self.load_seconds = 0, 0.0
         self.refs: dict[int, AdapterRef] = {}
         self.held: OrderedDict[int, None] = OrderedDict()  # in the engine, least recently used first
         self.in_use: Counter[int] = Counter()  # adapter id -> requests using it (or waiting for it)
@@ -59,8 +74,15 @@ class AdapterResidency:
             return model_id  # Serve only records that this replica serves the id
 
         self._routing = serve.multiplexed(max_num_models_per_replica=capacity)(route)
-        if registry is not None:
-            self._spawn(follow_registry(registry, self._on_registry_state, timeout_s=HEARTBEAT_S))
+
+    async def start(self) -> None:
+        """Load the adapters to preload (before the replica takes requests), then follow the registry."""
+        if self.registry is None:
+            return
+        state = await self.registry.state.remote()
+        await asyncio.gather(*self._apply(state))
+        await self.report()
+        self._spawn(follow_registry(self.registry, self._on_registry_state, state.version, HEARTBEAT_S))
 
     @contextlib.asynccontextmanager
     async def use(self, adapter: AdapterRef | None) -> AsyncIterator[str]:
@@ -97,8 +119,10 @@ class AdapterResidency:
     async def _load(self, adapter_id: int) -> None:
         try:
             await self.take_slot(adapter_id)
+            started = time.perf_counter()
             try:
                 await self.engine.add_adapter(self.refs[adapter_id])
+                self.loads, self.load_seconds = self.loads + 1, self.load_seconds + time.perf_counter() - started
             except BaseException:
                 self.held.pop(adapter_id, None)  # (unless the registry dropped it meanwhile; the finally wakes waiters)
                 raise
@@ -130,7 +154,9 @@ class AdapterResidency:
             await self._remove_from_engine(idle)
 
     def _least_recently_used_idle(self) -> int | None:
-        return next((i for i in self.held if not self.in_use[i] and i not in self.loading), None)
+        return next(
+            (i for i in self.held if not self.in_use[i] and i not in self.loading and i not in self.pinned), None
+        )
 
     def next_in_line(self) -> int | None:
         """The waiting adapter that takes the next free slot: one passed over too often, else the one
@@ -163,16 +189,46 @@ class AdapterResidency:
     async def report(self) -> None:
         if self.registry is None:
             return
-        ids = sorted(await self.engine.loaded_adapter_ids())
         with contextlib.suppress(Exception):
-            await self.registry.report_residency.remote(self.replica_id, self.model_name, ids)
+            await self.registry.report_residency.remote(await self.snapshot())
+
+    async def snapshot(self) -> ReplicaResidency:
+        return ReplicaResidency(
+            replica=self.replica_id,
+            model=self.model_name,
+            adapter_ids=tuple(sorted(await self.engine.loaded_adapter_ids())),
+            engine_slots=self.engine_slots,
+            host_slots=self.capacity,
+            in_use=sum(1 for i in self.held if self.in_use[i]),
+            waiting=sum(self.in_use[i] for i in self.queued),
+            loads=self.loads,
+            load_seconds=round(self.load_seconds, 6),
+            pinned=tuple(sorted(self.pinned & set(self.held))),
+        )
 
     async def _on_registry_state(self, state: RegistryState) -> None:
-        """Drop adapters the registry no longer has (unload, or replace: the id changed)."""
+        for load in self._apply(state):
+            self._spawn(load)
+        await self.report()  # also the heartbeat that keeps this replica listed
+
+    def _apply(self, state: RegistryState) -> list:
+        """Follow the registry: adapters it no longer has (unloaded, or replaced: the id changed)
+        leave; the pinned set is its pinned records; returns the loads of records to preload."""
         live = {r.adapter_id for r in state.adapters.values()}
         for adapter_id in [i for i in self.held if i not in live]:
-            await self.remove(adapter_id)
-        await self.report()  # also the heartbeat that keeps this replica listed
+            self._spawn(self.remove(adapter_id))
+        mine = sorted((r for r in state.adapters.values() if r.base_model == self.model_name), key=_preload_order)
+        self.pinned = {r.adapter_id for r in mine if r.pinned}
+        self.pinned = set(sorted(self.pinned)[: max(self.capacity - 1, 0)])
+        wanted = [r for r in mine if r.preload][: self.capacity]
+        return [self._preload(r) for r in wanted if r.adapter_id not in self.held and r.adapter_id not in self.loading]
+
+    async def _preload(self, record: AdapterRecord) -> None:
+        try:
+            async with self.use(AdapterRef(record.name, record.adapter_id, record.path)):
+                pass
+        except Exception:  # its requests will load it (and get the error) instead
+            logger.warning("preloading adapter '%s' failed", record.name, exc_info=True)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -183,3 +239,7 @@ class AdapterResidency:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _preload_order(record: AdapterRecord) -> tuple:
+    return (not record.pinned, record.adapter_id)  # pinned first, then in order of registration

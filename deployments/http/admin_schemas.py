@@ -15,6 +15,8 @@ class LoadLoraRequest(BaseModel):
     base_model: str | None = Field(None, description="needed only when several base models are served")
     replace: bool = Field(False, description="swap the weights of an existing name (new id)")
     force: bool = Field(False, description="skip the base-model shape check")
+    pinned: bool = Field(False, description="never evicted from an engine replica once loaded")
+    preload: bool = Field(False, description="loaded on every engine replica now, so its first request does no load")
 
 
 class UnloadLoraRequest(BaseModel):
@@ -33,3 +35,5 @@ class AdapterCreate(BaseModel):
     base_model: str | None = None
     replace: bool = False
     force: bool = False
+    pinned: bool = Field(False, description="never evicted from an engine replica once loaded")
+    preload: bool = Field(False, description="loaded on every engine replica now, so its first request does no load")

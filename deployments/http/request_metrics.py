@@ -1,11 +1,16 @@
 """Prometheus metrics of one ingress replica, served on its `/metrics` route.
 
-With several ingress replicas each reports its own share; sum them in Prometheus.
+With several ingress replicas each reports its own share; sum them in Prometheus. The adapter
+gauges are the engine replicas' own reports (through the registry), the same on every ingress
+replica: one series per engine replica and model, so their number stays that of the replicas.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from lora_registry.adapter_store import ReplicaResidency
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -67,5 +72,36 @@ class Metrics:
         if error_type:
             self.errors.labels(model, error_type).inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, replicas: list[ReplicaResidency] = ()) -> bytes:
+        return generate_latest(self.registry) + generate_latest(_AdapterReports(replicas))
+
+
+class _AdapterReports:
+    """The engine replicas' adapter reports as metric families (a collector of one scrape)."""
+
+    GAUGES = {
+        "engine_slots": "Adapters one engine batch can mix (max_loras, as chosen for the replica)",
+        "host_slots": "Adapters the replica keeps loaded (max_cpu_loras, as chosen for the replica)",
+        "in_use": "Held adapters that requests are generating with now",
+        "waiting": "Requests waiting for an adapter slot",
+    }
+    COUNTERS = {"loads": "Adapter loads into the engine", "load_seconds": "Time spent loading adapters"}
+
+    def __init__(self, replicas: list[ReplicaResidency]):
+        self.replicas = replicas
+
+    def collect(self):
+        labels = ["model", "replica"]
+        families = [GaugeMetricFamily(f"lorafleet_adapter_{k}", doc, labels=labels) for k, doc in self.GAUGES.items()]
+        families.append(GaugeMetricFamily("lorafleet_adapters_held", "Adapters in the engine now", labels=labels))
+        families.append(GaugeMetricFamily("lorafleet_adapters_pinned", "Held adapters never evicted", labels=labels))
+        counters = [
+            CounterMetricFamily(f"lorafleet_adapter_{k}", doc, labels=labels) for k, doc in self.COUNTERS.items()
+        ]
+        for r in self.replicas:
+            values = [getattr(r, k) for k in self.GAUGES] + [len(r.adapter_ids), len(r.pinned)]
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([r.model, r.replica], value)
+            for family, key in zip(counters, self.COUNTERS, strict=True):
+                family.add_metric([r.model, r.replica], getattr(r, key))
+        yield from families + counters

@@ -82,6 +82,35 @@ def test_adapter_tokens_equal_transformers_with_peft(vllm_engine, hf_model):
     assert got != vllm_greedy(vllm_engine, ids)  # the adapter changed the answers
 
 
+def test_auto_slots_mix_that_many_adapters_in_one_batch(vllm_engine, hf_model):
+    # max_loras: auto with no adapter registered gives the minimum, 4 slots; four adapter ids (the
+    # same trained weights) and the base in one batch, every answer the peft oracle's.
+    assert vllm_engine.engine.options.max_loras == 4 and vllm_engine.engine.options.max_cpu_loras >= 4
+    ids = prompt_ids(vllm_engine.hf_tokenizer)[:2]
+    peft_model = PeftModel.from_pretrained(hf_model, str(XIAO_HUANG_DIR)).eval()
+    expected = hf_greedy(peft_model, ids, eos_ids(vllm_engine))
+    peft_model.unload()
+    refs = [AdapterRef(f"xh-{i}", 30 + i, str(XIAO_HUANG_DIR)) for i in range(4)]
+
+    async def batch():
+        import asyncio
+
+        async def one(prompt, ref):
+            request = GenerationRequest(
+                uuid.uuid4().hex, tuple(prompt), SamplingOptions(max_tokens=MAX_NEW, temperature=0.0), ref
+            )
+            return [t async for deltas in vllm_engine.engine.generate(request) for d in deltas for t in d.token_ids]
+
+        for ref in refs:
+            await vllm_engine.engine.add_adapter(ref)
+        answers = await asyncio.gather(*(one(p, ref) for ref in [*refs, None] for p in ids))
+        return answers, await vllm_engine.engine.loaded_adapter_ids()
+
+    answers, loaded = vllm_engine.run(batch())
+    assert answers[: 4 * len(ids)] == expected * 4
+    assert {r.adapter_id for r in refs} <= set(loaded)
+
+
 def test_tensor_parallel_2_equals_1(vllm_engine):
     ids = prompt_ids(vllm_engine.hf_tokenizer)
     tp2 = get_vllm_engine(ModelType.tiny_chat, tensor_parallel_size=2, **FAST_START)

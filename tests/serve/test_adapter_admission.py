@@ -52,6 +52,7 @@ def app(serve_instance, adapters):
                         "max_model_len": 1024,
                         "enable_lora": True,
                         "max_loras": 1,
+                        "max_cpu_loras": 1,  # one adapter in the engine at all: requests wait for the slot
                         "max_lora_rank": 16,
                     },
                     "deployment": {"num_replicas": 1},

@@ -40,6 +40,7 @@ def lora_config(roots: str, replicas: int = 2) -> AppConfig:
                         "dtype": "float32",
                         "max_model_len": 512,
                         "max_loras": 2,
+                        "max_cpu_loras": 2,
                         "max_lora_rank": 16,
                     },
                     "lora_modules": {"xiao-huang": str(XIAO_HUANG_DIR)},
@@ -150,6 +151,43 @@ def test_eight_adapters_with_room_for_two_per_replica(lora_app, adapters, oracle
     held = residency()
     assert held and all(len(ids) <= 2 for ids in held.values())  # evicted adapters left the engines
     assert len({i for ids in held.values() for i in ids}) < 8
+
+
+def engine_replicas() -> dict[str, dict]:
+    """replica -> its adapter report (slots chosen, held ids, loads)."""
+    reports = httpx.get(f"{URL}/v1/adapters", timeout=30).json()["engine_replicas"]
+    return {r["replica"]: r for r in reports}
+
+
+def test_preloaded_adapter_does_no_load_and_pinned_one_survives_pressure(lora_app, adapters, oracle):
+    path = adapters[1]["ad-7"]
+    assert load("pin", path, pinned=True, preload=True).status_code == 200
+    pin_id = httpx.get(f"{URL}/v1/adapters", timeout=30).json()["data"]
+    [pin_id] = [r["adapter_id"] for r in pin_id if r["name"] == "pin"]
+    deadline = time.monotonic() + 60  # preloaded on both replicas, no request asked for it
+    while time.monotonic() < deadline:
+        reports = engine_replicas()
+        if len(reports) == 2 and all(pin_id in r["adapter_ids"] for r in reports.values()):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"not preloaded everywhere: {reports}")
+    loads = {replica: r["loads"] for replica, r in reports.items()}
+    assert {ask("pin") for _ in range(6)} == {oracle[str(path)]}
+    time.sleep(6)  # a residency heartbeat
+    assert {replica: r["loads"] for replica, r in engine_replicas().items()} == loads  # its requests loaded nothing
+    # pressure: every other adapter in turn through two slots per replica
+    for name in [n for n in adapters[1] if n != "ad-7"] * 2:
+        assert ask(name) == oracle[str(adapters[1][name])], name
+    time.sleep(6)
+    reports = engine_replicas()
+    assert all(pin_id in r["adapter_ids"] and r["pinned"] == [pin_id] for r in reports.values()), reports
+    assert all(r["engine_slots"] == 2 and r["host_slots"] == 2 for r in reports.values()), reports
+    assert sum(r["loads"] for r in reports.values()) > sum(loads.values())  # the others were loaded (and evicted)
+    metrics = httpx.get(f"{URL}/metrics", timeout=30).text
+    assert 'lorafleet_adapters_pinned{model="tiny-lora",replica=' in metrics
+    assert "lorafleet_adapter_loads_total" in metrics and "lorafleet_adapter_engine_slots" in metrics
+    assert httpx.post(f"{URL}/v1/unload_lora_adapter", json={"lora_name": "pin"}).status_code == 200
 
 
 def test_unload_then_404_and_replace_uses_new_weights_everywhere(lora_app, adapters, oracle):

@@ -143,6 +143,8 @@ def test_requests_for_an_adapter_go_to_the_replica_holding_it(serve_instance, tm
     from tests.adapter_factory import make_adapter
 
     adapters = {"xiao-huang": str(XIAO_HUANG_DIR), "ad-aff": str(make_adapter(tmp_path / "ad-aff", seed=7))}
+    # loaded by their first requests, not preloaded on every replica: where they go is the subject
+    modules = {name: {"path": path, "preload": False} for name, path in adapters.items()}
     config = AppConfig.model_validate(
         {
             "registry": {"state_dir": f"{STATE}/affinity"},
@@ -154,7 +156,7 @@ def test_requests_for_an_adapter_go_to_the_replica_holding_it(serve_instance, tm
                     # both backends, and pt replicas start without a vLLM engine process each.
                     "infer_backend": "pt",
                     "engine": {"max_model_len": 512},
-                    "lora_modules": adapters,
+                    "lora_modules": modules,
                     "deployment": {"num_replicas": 2},
                 }
             ],

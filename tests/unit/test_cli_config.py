@@ -6,6 +6,7 @@ import io
 import pytest
 
 from serve_app.cli import build_parser, config_from_args
+from serve_app.config import LoraModule
 from serve_app.model_types import XIAO_HUANG_DIR
 
 
@@ -44,7 +45,7 @@ def test_seed_flags_build_the_config(tmp_path):
 def test_ckpt_dir_of_an_adapter_serves_its_base_plus_default_lora():
     model = config("--ckpt_dir", str(XIAO_HUANG_DIR)).models[0]
     assert model.model_type == "tiny-chat"
-    assert model.lora_modules == {"default-lora": str(XIAO_HUANG_DIR.resolve())}
+    assert model.lora_modules == {"default-lora": LoraModule(path=str(XIAO_HUANG_DIR.resolve()))}
     assert model.engine.enable_lora
 
 
@@ -82,8 +83,11 @@ def test_engine_options_reach_vllm_under_their_own_names():
         "max_num_seqs": 8,
         "seed": 3,
     }
-    lora = EngineOptions(enable_lora=True, max_loras=2).vllm_kwargs()
+    lora = EngineOptions(enable_lora=True, max_loras=2, max_cpu_loras=None).vllm_kwargs()
     assert (lora["max_loras"], lora["max_lora_rank"]) == (2, 16) and "max_cpu_loras" not in lora
+    with pytest.raises(ValueError, match="resolved first"):
+        EngineOptions(enable_lora=True).vllm_kwargs()  # "auto" is decided where the accelerator is known
+    assert config("--max_loras", "auto", "--max_cpu_loras", "9").models[0].engine.max_cpu_loras == 9
     assert set(EngineOptions.model_fields) - {"engine_kwargs"} <= set(ENGINE_ARGS)
 
 

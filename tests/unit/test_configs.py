@@ -32,7 +32,7 @@ def test_default_config_serves_tiny_chat_and_xiao_huang():
     config = AppConfig.model_validate(load("serve_config.yaml")["applications"][0]["args"])
     model = config.models[0]
     assert model.served_name == "tiny-chat" and "xiao-huang" in model.lora_modules
-    assert Path(model.lora_modules["xiao-huang"]).is_dir()
+    assert Path(model.lora_modules["xiao-huang"].path).is_dir()
 
 
 def test_gpu_example_is_tp4_and_autoscales_1_to_4():

@@ -9,7 +9,7 @@ import pytest
 
 from lora_registry.adapter_store import AdapterStore
 from lora_registry.path_policy import PathPolicy
-from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry
+from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry, StartupAdapter
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from tests.adapter_factory import make_adapter, make_foreign_adapter
@@ -59,7 +59,7 @@ def test_replace_gets_a_new_id_and_version(tmp_path, adapters):
 
 
 def test_startup_adapters_keep_their_id_across_restarts(tmp_path, adapters):
-    startup = {"xiao-huang": ("tiny-chat", str(XIAO_HUANG_DIR))}
+    startup = {"xiao-huang": StartupAdapter("tiny-chat", str(XIAO_HUANG_DIR))}
     first = run(registry(tmp_path, adapters, **startup).state()).adapters["xiao-huang"]
     second = run(registry(tmp_path, adapters, **startup).state()).adapters["xiao-huang"]
     assert first.adapter_id == second.adapter_id
