@@ -144,7 +144,7 @@ def start_lorafleet(args, state: Path) -> subprocess.Popen:
 def start_lorafleet_deploy(args, state: Path) -> subprocess.Popen:
     """lorafleet as a user starts it: `lorafleet deploy` with its defaults (adapters given at start,
     residency sized by lorafleet); only the port, the state folder and what the model needs are set."""
-    cmd = [str(ROOT / ".venv" / "bin" / "lorafleet"), "deploy", "--port", str(PORT), "--state_dir", str(state)]
+    cmd = [sys.executable, "-m", "serve_app.cli", "deploy", "--port", str(PORT), "--state_dir", str(state)]
     cmd += ["--max_model_len", str(args.max_model_len)]
     if Path(args.model_dir) == Path(MODEL):
         cmd += ["--model_type", "tiny-chat"]
@@ -156,6 +156,7 @@ def start_lorafleet_deploy(args, state: Path) -> subprocess.Popen:
     if args.adapters:
         cmd += ["--max_lora_rank", str(args.lora_rank), "--adapter_roots", str(args.out / "adapters")]
         cmd += ["--lora_modules", *(f"{n}={p}" for n, p in args.adapters.items())]
+    cmd += args.deploy_flags  # a tuned variant: label its results as such
     log = open(Path(args.out) / "lorafleet-deploy-server.log", "w")  # noqa: SIM115 (lives as long as the server)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
 
@@ -460,6 +461,12 @@ def main() -> None:
     parser.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (both servers)")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--ingress-replicas", type=int, default=1, help="lorafleet's ingress replicas")
+    parser.add_argument(
+        "--deploy-flags",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="last: flags added to lorafleet-deploy's command (a tuned variant), e.g. --deploy-flags --max_loras 8",
+    )
     parser.add_argument("--lora-concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(

@@ -1,8 +1,8 @@
 """An adapter that requests are using is never dropped from the engine under them.
 
 One replica with room for one adapter: while a long stream uses adapter "one", requests for
-adapters "two" (one request) and "three" (two, sent later) wait for that stream to end, and a base
-request in the meantime does not wait at all. Dropping "one" at once would make vLLM reload it from
+adapters "two" (one request) and "three" (two, sent later) wait for that stream to end (its client
+hangs up once they wait), and a base request in the meantime does not wait at all. Dropping "one" at once would make vLLM reload it from
 disk at its next step for the stream still running: the test takes its files away once the stream
 has started, so such a reload would fail the stream. When the slot frees, "three" takes it first:
 it has more requests waiting (vLLM's own scheduler serves the oldest waiting request's adapter)."""
@@ -85,14 +85,18 @@ def peft_answer(path, max_tokens: int) -> list[int]:
 def test_waiting_adapters_take_the_slot_after_the_stream_most_requests_first(app, adapters):
     client = openai.OpenAI(base_url=f"{app}/v1", api_key="x", max_retries=0)
     messages = [{"role": "user", "content": QUERY}]
-    started, done, answers = threading.Event(), {}, {}
+    started, release, done, answers = threading.Event(), threading.Event(), {}, {}
 
     def long_stream():
+        """Streams until released (the client hangs up), long after the others queued behind it."""
         stream = client.chat.completions.create(
             model="one", messages=messages, max_tokens=960, temperature=0, extra_body={"ignore_eos": True}, stream=True
         )
         for _ in stream:
             started.set()
+            if release.is_set():
+                break
+        stream.close()
         done["one"] = time.monotonic()
 
     def ask(model: str, key: str):
@@ -113,6 +117,9 @@ def test_waiting_adapters_take_the_slot_after_the_stream_most_requests_first(app
         for t in threads[1:]:
             t.start()
             time.sleep(0.15)  # "two" waits first
+        threads[-1].join(60)  # the base request did not wait for the stream
+        time.sleep(1)  # the others are waiting for the slot
+        release.set()
         for t in threads:
             t.join(120)
     finally:
