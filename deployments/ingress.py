@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from deployments.http.admin_schemas import AdapterCreate, LoadLoraRequest, UnloadLoraRequest
+from deployments.http.admin_schemas import AdapterCreate, AdapterUpdate, LoadLoraRequest, UnloadLoraRequest
 from deployments.http.error_handlers import install_error_handlers, unwrap
 from deployments.http.openai_schemas import (
     ChatCompletionRequest,
@@ -261,6 +261,14 @@ class Ingress:
         )
         await self._refresh_adapters()
         return JSONResponse({"object": "lora_adapter", **record.to_dict()}, status_code=201)
+
+    @app.patch("/v1/adapters/{name:path}")
+    async def update_adapter(self, name: str, request: Request):
+        """Pin or unpin, preload or not, an adapter already registered (its id stays)."""
+        body = await self.read_admin_body(request, AdapterUpdate)
+        record = await self.registry.set_flags.remote(name, body.pinned, body.preload)
+        await self._refresh_adapters()
+        return {"object": "lora_adapter", **record.to_dict()}
 
     @app.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request):

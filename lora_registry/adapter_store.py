@@ -122,6 +122,12 @@ class AdapterStore:
             self.db.execute(f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({', '.join('?' * len(row))})", row)
         return record
 
+    def set_flags(self, name: str, pinned: bool, preload: bool) -> AdapterRecord:
+        with self._transaction():
+            self.db.execute("UPDATE adapters SET pinned = ?, preload = ? WHERE name = ?", (pinned, preload, name))
+            row = self.db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name = ?", (name,)).fetchone()
+        return _record(row)
+
     def delete(self, name: str) -> None:
         with self._transaction():
             self.db.execute("DELETE FROM adapters WHERE name = ?", (name,))

@@ -138,6 +138,17 @@ class LoraRegistry:
         self._notify()
         return record
 
+    async def set_flags(self, name: str, pinned: bool | None, preload: bool | None) -> AdapterRecord:
+        """Change an adapter's residency flags; its id and weights stay (followers pick it up)."""
+        if name not in self.records:
+            raise NotFoundError(f"adapter '{name}' is not registered; GET /v1/adapters lists them.", param="name")
+        current = self.records[name]
+        flags = {"pinned": current.pinned if pinned is None else pinned}
+        flags["preload"] = current.preload if preload is None else preload
+        self.records[name] = self.store.set_flags(name, **flags)  # committed here
+        self._notify()
+        return self.records[name]
+
     def _register(
         self,
         name: str,

@@ -37,3 +37,12 @@ class AdapterCreate(BaseModel):
     force: bool = False
     pinned: bool = Field(False, description="never evicted from an engine replica once loaded")
     preload: bool = Field(False, description="loaded on every engine replica now, so its first request does no load")
+
+
+class AdapterUpdate(BaseModel):
+    """`PATCH /v1/adapters/{name}` body: the residency flags of a registered adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pinned: bool | None = Field(None, description="never evicted from an engine replica once loaded")
+    preload: bool | None = Field(None, description="loaded on every engine replica of its model")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from deployments.http.admin_schemas import AdapterCreate, LoadLoraRequest, UnloadLoraRequest
+from deployments.http.admin_schemas import AdapterCreate, AdapterUpdate, LoadLoraRequest, UnloadLoraRequest
 from deployments.http.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -16,13 +16,14 @@ from deployments.http.openai_schemas import (
 # Routes read their bodies themselves (size limit first, OpenAI-shaped errors); this puts the body
 # schemas into /openapi.json anyway, so clients and fuzzers (schemathesis) see them.
 REQUEST_BODIES = {
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": CompletionRequest,
-    "/v1/load_lora_adapter": LoadLoraRequest,
-    "/v1/unload_lora_adapter": UnloadLoraRequest,
-    "/v1/adapters": AdapterCreate,
-    "/tokenize": TokenizeRequest,
-    "/detokenize": DetokenizeRequest,
+    ("/v1/chat/completions", "post"): ChatCompletionRequest,
+    ("/v1/completions", "post"): CompletionRequest,
+    ("/v1/load_lora_adapter", "post"): LoadLoraRequest,
+    ("/v1/unload_lora_adapter", "post"): UnloadLoraRequest,
+    ("/v1/adapters", "post"): AdapterCreate,
+    ("/v1/adapters/{name}", "patch"): AdapterUpdate,
+    ("/tokenize", "post"): TokenizeRequest,
+    ("/detokenize", "post"): DetokenizeRequest,
 }
 
 
@@ -35,11 +36,11 @@ def _openapi(app: FastAPI) -> dict:
         schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
         components = schema.setdefault("components", {})
         models = components.setdefault("schemas", {})
-        for path, model in REQUEST_BODIES.items():
+        for (path, method), model in REQUEST_BODIES.items():
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             models.update(body.pop("$defs", {}))
             models[model.__name__] = body
-            schema["paths"][path]["post"]["requestBody"] = {
+            schema["paths"][path][method]["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
             }

@@ -187,6 +187,13 @@ def test_preloaded_adapter_does_no_load_and_pinned_one_survives_pressure(lora_ap
     metrics = httpx.get(f"{URL}/metrics", timeout=30).text
     assert 'lorafleet_adapters_pinned{model="tiny-lora",replica=' in metrics
     assert "lorafleet_adapter_loads_total" in metrics and "lorafleet_adapter_engine_slots" in metrics
+    unpinned = httpx.patch(f"{URL}/v1/adapters/pin", json={"pinned": False}, timeout=30)
+    assert unpinned.status_code == 200 and unpinned.json()["pinned"] is False
+    assert unpinned.json()["adapter_id"] == pin_id and unpinned.json()["preload"] is True  # same adapter
+    unknown = httpx.patch(f"{URL}/v1/adapters/nope", json={"pinned": True}, timeout=30)
+    assert unknown.status_code == 404 and "not registered" in unknown.json()["error"]["message"]
+    bad = httpx.patch(f"{URL}/v1/adapters/pin", json={"pinned": "always"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "pinned"
     assert httpx.post(f"{URL}/v1/unload_lora_adapter", json={"lora_name": "pin"}).status_code == 200
 
 

@@ -79,6 +79,9 @@ def test_deployment_options_derive_from_tensor_parallel_size(monkeypatch):
             "min_replicas",
         ),
         ({"models": [{"model_type": "tiny-chat", "lora_modules": {"tiny-chat": "/x"}}]}, "unique"),
+        ({"models": [{"model_type": "tiny-chat", "engine": {"max_loras": -1}}]}, "max_loras"),
+        ({"models": [{"model_type": "tiny-chat", "engine": {"max_cpu_loras": "many"}}]}, "max_cpu_loras"),
+        ({"models": [{"model_type": "tiny-chat", "lora_modules": {"a": {"path": "/x", "pin": True}}}]}, "pin"),
     ],
 )
 def test_bad_config_is_rejected_with_a_named_problem(args, match):
