@@ -38,6 +38,9 @@ class RegistryState:
     adapters: Mapping[str, AdapterRecord]
 
 
+LOAD_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 @dataclass(frozen=True)
 class ReplicaResidency:
     """What one engine replica reports of its adapters (with every change, and every few seconds)."""
@@ -51,6 +54,7 @@ class ReplicaResidency:
     waiting: int  # requests waiting for a slot
     loads: int  # adapter loads since the replica started
     load_seconds: float  # their total time
+    load_buckets: tuple[int, ...]  # loads that took at most LOAD_BUCKETS_S[i] seconds (cumulative)
     pinned: tuple[int, ...]  # held adapters that are never evicted
 
 

@@ -35,7 +35,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 
-from lora_registry.adapter_store import AdapterRecord, RegistryState, ReplicaResidency
+from lora_registry.adapter_store import LOAD_BUCKETS_S, AdapterRecord, RegistryState, ReplicaResidency
 from lora_registry.follower import follow_registry
 from serve_app.messages import AdapterRef
 
@@ -60,7 +60,8 @@ class AdapterResidency:
         self.capacity = capacity  # adapters held in the engine (max_cpu_loras)
         self.engine_slots = engine_slots or capacity  # adapters one batch can mix (max_loras), reported only
         self.pinned: set[int] = set()
-        self.loads, self.load_seconds = 0, 0.0
+        self.loads, self.load_seconds = 0, 0.0  # loads into the engine, their total time
+        self.load_buckets = [0] * len(LOAD_BUCKETS_S)  # loads of at most LOAD_BUCKETS_S[i] seconds
         self.refs: dict[int, AdapterRef] = {}
         self.held: OrderedDict[int, None] = OrderedDict()  # in the engine, least recently used first
         self.in_use: Counter[int] = Counter()  # adapter id -> requests using it (or waiting for it)
@@ -122,7 +123,7 @@ class AdapterResidency:
             started = time.perf_counter()
             try:
                 await self.engine.add_adapter(self.refs[adapter_id])
-                self.loads, self.load_seconds = self.loads + 1, self.load_seconds + time.perf_counter() - started
+                self._count_load(time.perf_counter() - started)
             except BaseException:
                 self.held.pop(adapter_id, None)  # (unless the registry dropped it meanwhile; the finally wakes waiters)
                 raise
@@ -152,6 +153,11 @@ class AdapterResidency:
         if full:
             del self.held[idle]
             await self._remove_from_engine(idle)
+
+    def _count_load(self, seconds: float) -> None:
+        self.loads, self.load_seconds = self.loads + 1, self.load_seconds + seconds
+        for i, bound in enumerate(LOAD_BUCKETS_S):
+            self.load_buckets[i] += seconds <= bound
 
     def _least_recently_used_idle(self) -> int | None:
         return next(
@@ -203,6 +209,7 @@ class AdapterResidency:
             waiting=sum(self.in_use[i] for i in self.queued),
             loads=self.loads,
             load_seconds=round(self.load_seconds, 6),
+            load_buckets=tuple(self.load_buckets),
             pinned=tuple(sorted(self.pinned & set(self.held))),
         )
 

@@ -8,9 +8,9 @@ replica: one series per engine replica and model, so their number stays that of 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from lora_registry.adapter_store import ReplicaResidency
+from lora_registry.adapter_store import LOAD_BUCKETS_S, ReplicaResidency
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -85,7 +85,6 @@ class _AdapterReports:
         "in_use": "Held adapters that requests are generating with now",
         "waiting": "Requests waiting for an adapter slot",
     }
-    COUNTERS = {"loads": "Adapter loads into the engine", "load_seconds": "Time spent loading adapters"}
 
     def __init__(self, replicas: list[ReplicaResidency]):
         self.replicas = replicas
@@ -95,13 +94,15 @@ class _AdapterReports:
         families = [GaugeMetricFamily(f"lorafleet_adapter_{k}", doc, labels=labels) for k, doc in self.GAUGES.items()]
         families.append(GaugeMetricFamily("lorafleet_adapters_held", "Adapters in the engine now", labels=labels))
         families.append(GaugeMetricFamily("lorafleet_adapters_pinned", "Held adapters never evicted", labels=labels))
-        counters = [
-            CounterMetricFamily(f"lorafleet_adapter_{k}", doc, labels=labels) for k, doc in self.COUNTERS.items()
-        ]
+        loads = CounterMetricFamily("lorafleet_adapter_loads", "Adapter loads into the engine", labels=labels)
+        load_time = HistogramMetricFamily(
+            "lorafleet_adapter_load_seconds", "Time of each adapter load into the engine", labels=labels
+        )
         for r in self.replicas:
             values = [getattr(r, k) for k in self.GAUGES] + [len(r.adapter_ids), len(r.pinned)]
             for family, value in zip(families, values, strict=True):
                 family.add_metric([r.model, r.replica], value)
-            for family, key in zip(counters, self.COUNTERS, strict=True):
-                family.add_metric([r.model, r.replica], getattr(r, key))
-        yield from families + counters
+            loads.add_metric([r.model, r.replica], r.loads)
+            buckets = [(str(bound), n) for bound, n in zip(LOAD_BUCKETS_S, r.load_buckets, strict=True)]
+            load_time.add_metric([r.model, r.replica], [*buckets, ("+Inf", r.loads)], r.load_seconds)
+        yield from [*families, loads, load_time]

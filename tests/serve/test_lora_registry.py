@@ -187,6 +187,12 @@ def test_preloaded_adapter_does_no_load_and_pinned_one_survives_pressure(lora_ap
     metrics = httpx.get(f"{URL}/metrics", timeout=30).text
     assert 'lorafleet_adapters_pinned{model="tiny-lora",replica=' in metrics
     assert "lorafleet_adapter_loads_total" in metrics and "lorafleet_adapter_engine_slots" in metrics
+    from prometheus_client.parser import text_string_to_metric_families
+
+    [histogram] = [f for f in text_string_to_metric_families(metrics) if f.name == "lorafleet_adapter_load_seconds"]
+    counts = [s.value for s in histogram.samples if s.name.endswith("_count")]
+    infinite = [s.value for s in histogram.samples if s.name.endswith("_bucket") and s.labels["le"] == "+Inf"]
+    assert sum(counts) == sum(infinite) == sum(r["loads"] for r in reports.values())
     unpinned = httpx.patch(f"{URL}/v1/adapters/pin", json={"pinned": False}, timeout=30)
     assert unpinned.status_code == 200 and unpinned.json()["pinned"] is False
     assert unpinned.json()["adapter_id"] == pin_id and unpinned.json()["preload"] is True  # same adapter
