@@ -505,6 +505,11 @@ class Findings:
 
 def run_system(system, starter, args, tag: str, found: Findings) -> None:
     """Start one system, load it at every concurrency, stop it; a row is the median of its runs so far."""
+    import socket
+
+    with socket.socket() as probe:  # a server left by an interrupted run would answer in this one's place
+        if probe.connect_ex(("127.0.0.1", PORT)) == 0:
+            raise SystemExit(f"port {PORT} is taken (a server of an interrupted run?); stop it first")
     launched = time.monotonic()
     proc = starter()
     try:
