@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+import typing
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -193,11 +194,17 @@ def _engine_options(model_type: str | None, torch_dtype: Any, given: dict[str, A
             "(other vLLM engine arguments go in engine_kwargs).",
             param=unknown[0],
         )
+    # None where the option takes no None means "the default" (ms-swift passes engine_kwargs=None)
+    given = {k: v for k, v in given.items() if v is not None or _takes_none(k)}
     if torch_dtype is not None:
         given = {**given, "dtype": _dtype_name(torch_dtype)}
     options = EngineOptions(**given)
     options.trust_remote_code = trusts_remote_code(model_type, options.trust_remote_code)
     return options
+
+
+def _takes_none(option: str) -> bool:
+    return type(None) in typing.get_args(EngineOptions.model_fields[option].annotation)
 
 
 def get_pt_engine(

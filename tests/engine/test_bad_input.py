@@ -43,3 +43,12 @@ def test_not_an_adapter(vllm_engine, tmp_path):
     template = get_template("qwen", vllm_engine.hf_tokenizer)
     with pytest.raises(ConfigError, match="adapter_config.json is missing"):
         inference_vllm(vllm_engine, template, [{"query": "hi"}], lora_request=LoRARequest("x", 92, str(tmp_path)))
+
+
+def test_unknown_engine_options_are_refused_by_name_before_any_engine_starts():
+    with pytest.raises(ConfigError, match=r"does not take \['use_async'\].*engine_kwargs"):
+        get_vllm_engine("tiny-chat", use_async=True)
+    # ms-swift's callers pass engine_kwargs=None: that is the default, not an error; a bad value is
+    with pytest.raises(ValueError, match="max_loras") as refused:
+        get_vllm_engine("tiny-chat", engine_kwargs=None, max_loras=0)
+    assert "engine_kwargs" not in str(refused.value)
