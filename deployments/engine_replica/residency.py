@@ -60,6 +60,9 @@ class AdapterResidency:
         self.capacity = capacity  # adapters held in the engine (max_cpu_loras)
         self.engine_slots = engine_slots or capacity  # adapters one batch can mix (max_loras), reported only
         self.pinned: set[int] = set()
+        # preloaded once per adapter id (at start, on registration, when marked): an evicted one is
+        # not loaded again at every registry heartbeat, which would churn under pressure
+        self.preloaded: set[int] = set()
         self.loads, self.load_seconds = 0, 0.0  # loads into the engine, their total time
         self.load_buckets = [0] * len(LOAD_BUCKETS_S)  # loads of at most LOAD_BUCKETS_S[i] seconds
         self.refs: dict[int, AdapterRef] = {}
@@ -228,7 +231,9 @@ class AdapterResidency:
         self.pinned = {r.adapter_id for r in mine if r.pinned}
         self.pinned = set(sorted(self.pinned)[: max(self.capacity - 1, 0)])
         wanted = [r for r in mine if r.preload][: self.capacity]
-        return [self._preload(r) for r in wanted if r.adapter_id not in self.held and r.adapter_id not in self.loading]
+        fresh = [r for r in wanted if r.adapter_id not in self.preloaded]
+        self.preloaded.update(r.adapter_id for r in fresh)
+        return [self._preload(r) for r in fresh if r.adapter_id not in self.held and r.adapter_id not in self.loading]
 
     async def _preload(self, record: AdapterRecord) -> None:
         try:
