@@ -280,6 +280,9 @@ _COUNTERS = {
     "lorafleet_time_to_first_token_seconds_sum": "ttft",
     "lorafleet_time_to_first_token_seconds_count": "requests",
     "lorafleet_render_seconds_sum": "render",
+    "lorafleet_render_work_seconds_sum": "render_work",
+    "lorafleet_ingress_loop_lag_seconds_sum": "lag",
+    "lorafleet_ingress_loop_lag_seconds_count": "lag_samples",
     "lorafleet_engine_time_to_first_token_seconds_sum": "engine",
 }
 
@@ -301,8 +304,9 @@ def ttft_parts(run: dict[str, float]) -> dict[str, float] | None:
     """Mean ms per request of the ingress's TTFT and its parts over one load run (warm-ups included)."""
     if not run["requests"]:
         return None
-    parts = {k: 1000 * run[k] / run["requests"] for k in ("ttft", "render", "engine")}
+    parts = {k: 1000 * run[k] / run["requests"] for k in ("ttft", "render", "render_work", "engine")}
     parts["hops"] = parts["ttft"] - parts["render"] - parts["engine"]
+    parts["loop_lag"] = 1000 * run["lag"] / run["lag_samples"] if run["lag_samples"] else 0.0
     return parts
 
 
@@ -390,12 +394,14 @@ def ttft_table(results: dict) -> str:
         "lorafleet time to first token, where it goes (means per request from its /metrics, ms; the ingress's "
         "clock, so HTTP and HAProxy are not in it)",
         "",
-        "| concurrency | TTFT at the ingress | render call | engine replica (queue, prefill) | hops and the rest |",
-        "|---|---|---|---|---|",
+        "| system | concurrency | TTFT at the ingress | render call | of it, the renderer's work | engine replica (queue, "
+        "prefill) | hops and the rest | ingress event-loop lag (mean) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (system, c), r in sorted(results.items(), key=lambda kv: kv[0][1]):
         if system.startswith("lorafleet") and (p := r.get("ttft_parts_ms")):
-            rows.append(f"| {c} | {p['ttft']:.1f} | {p['render']:.1f} | {p['engine']:.1f} | {p['hops']:.1f} |")
+            cells = [p["ttft"], p["render"], p.get("render_work", 0), p["engine"], p["hops"], p.get("loop_lag", 0)]
+            rows.append(f"| {system} | {c} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
     return "\n".join(rows) if len(rows) > 4 else ""
 
 

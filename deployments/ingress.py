@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -69,11 +70,18 @@ class Ingress:
         self._follower = asyncio.create_task(
             follow_registry(registry, self._set_adapter_state, self.adapter_state.version)
         )
+        self._lag_watch = asyncio.create_task(self._watch_loop_lag())
         freeze_startup_heap()
 
     @classmethod
     def get_deployment_options(cls, config: AppConfig) -> dict:
         return config.ingress.deployment.serve_options("Ingress")
+
+    async def _watch_loop_lag(self, period_s: float = 0.05) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(period_s)
+            self.metrics.loop_lag.observe(max(0.0, time.perf_counter() - started - period_s))
 
     async def _set_adapter_state(self, state: RegistryState) -> None:
         self.adapter_state = state  # resolving a name then costs no actor call
@@ -395,6 +403,7 @@ class Ingress:
         started = time.perf_counter()
         rendered = await asyncio.gather(*(self.renderer.render.remote(r) for r in renders))
         self.metrics.render_call.labels(req.model).observe(time.perf_counter() - started)
+        self.metrics.render_work.labels(req.model).observe(max(p.render_s for p in rendered))
         streams = [self._engine_stream(kind, req, p, model, adapter, options, structured) for p in rendered]
         openings = await asyncio.gather(*(_first_message(s) for s in streams), return_exceptions=True)
         if failed := [o for o in openings if isinstance(o, BaseException)]:
@@ -443,8 +452,12 @@ class Ingress:
         # Requests for an adapter carry its id as the multiplexed model id: Serve routes them to a
         # replica that already holds it, or else to a lightly loaded one.
         multiplexed = str(adapter.adapter_id) if adapter else ""
-        server = self.servers[model.served_name].options(stream=True, multiplexed_model_id=multiplexed)
-        return server.generate.remote(request)
+        return self._engine_handle(model.served_name, multiplexed).generate.remote(request)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one ingress per replica process, kept for its life)
+    def _engine_handle(self, model: str, multiplexed: str):
+        """The streaming handle for a model and adapter id, made once: `.options()` copies a handle."""
+        return self.servers[model].options(stream=True, multiplexed_model_id=multiplexed)
 
     async def _events(self, stream, streams, first, builder: ResponseBuilder, req, started: float):
         """SSE: one write per engine message (which may carry several tokens)."""

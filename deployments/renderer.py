@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,9 @@ class Renderer:
         return config.renderer.deployment.serve_options("Renderer")
 
     async def render(self, request: RenderRequest) -> RenderedPrompt:
-        return self._models[request.model].render(request)
+        started = time.perf_counter()
+        rendered = self._models[request.model].render(request)
+        return dataclasses.replace(rendered, render_s=time.perf_counter() - started)
 
     async def tokenize(self, request: RenderRequest, add_special_tokens: bool, with_strings: bool) -> dict:
         """`/tokenize`'s answer: the ids a prompt or conversation renders to, as the engine would get them."""

@@ -133,3 +133,4 @@ class RenderedPrompt:
     max_tokens: int  # what the request may generate: asked for, or what is left of the context
     stop_token_ids: tuple[int, ...]
     text: str = ""  # the prompt's text, when the request asked for it
+    render_s: float = 0.0  # the renderer's own work on it; the rest of the render call is the hop

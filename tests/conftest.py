@@ -16,13 +16,13 @@ pytest_plugins = ["tests.serve_fixtures"]  # Ray Serve apps shared by tests/serv
 #   ends HAProxy processes that a `lorafleet deploy` would judge as stale copies of its own);
 # - "engines": offline engines, the CLI and unit tests, which never touch Ray;
 # - "main": everything on the session's main app, whose tests count its requests and wait for its
-#   engine to go idle, so no other process may send it work meanwhile.
+#   engine to go idle, so no other process may send it work meanwhile; and test_adapter_admission,
+#   whose app is its own but which balances the two processes (apps ~600 s, engines + main ~570 s).
 # The first two start together; "main" follows "engines" in that process. Most Ray tests wait on
 # replicas starting and on timers; the other process uses the core meanwhile.
 GROUPS = {
     "apps": (
         "tests/cli/test_restart_after_kill.py",
-        "tests/serve/test_adapter_admission.py",
         "tests/serve/test_failures.py",
         "tests/serve/test_guarded_app.py",
         "tests/serve/test_lora_registry.py",

@@ -56,12 +56,23 @@ class Metrics:
             "Render call from the ingress (template + tokenize on the renderer, and the hop there and back)",
             _STEP_BUCKETS,
         )
+        self.render_work = self._seconds(
+            "lorafleet_render_work_seconds",
+            "The renderer's own work in a render call (template + tokenize); the call minus this is the hop",
+            _STEP_BUCKETS,
+        )
         self.engine_ttft = self._seconds(
             "lorafleet_engine_time_to_first_token_seconds",
             "On the engine replica: from taking the request to the first token (adapter load, queue, prefill)",
             _STEP_BUCKETS,
         )
         self.latency = self._seconds("lorafleet_request_latency_seconds", "Whole request latency", _LATENCY_BUCKETS)
+        self.loop_lag = Histogram(
+            "lorafleet_ingress_loop_lag_seconds",
+            "How late the ingress's event loop wakes a timer: every await on this replica waits this long too",
+            buckets=_STEP_BUCKETS,
+            registry=self.registry,
+        )
 
     def _seconds(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         """A duration histogram by model."""
