@@ -27,6 +27,8 @@ class Renderer:
         return config.renderer.deployment.serve_options("Renderer")
 
     async def render(self, request: RenderRequest) -> RenderedPrompt:
+        # On the event loop, not in a worker thread: a thread's pickup measured ~1 ms (median, 64 streams,
+        # CPU) against ~0.6 ms of work for a 512-token prompt. Long prompts under load get more replicas.
         started = time.perf_counter()
         rendered = self._models[request.model].render(request)
         return dataclasses.replace(rendered, render_s=time.perf_counter() - started)

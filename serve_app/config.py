@@ -234,10 +234,27 @@ class IngressConfig(Strict):
     )
 
 
+def default_renderer_replicas() -> int:
+    """At most one renderer replica per 4 cores of the node that builds the app (1 on the 2-core CPU
+    machine, 4 on a 16-core GPU node), at most 8: renders are short, so a replica per core would mostly
+    idle, and each replica holds every model's tokenizer."""
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
 class RendererConfig(Strict):
     deployment: DeploymentOptions = Field(
+        # Autoscaled on its own queue: a replica is added when renders wait (more than 2 in flight per
+        # replica for upscale_delay_s), so long prompts under load do not queue behind one event loop.
         default_factory=lambda: DeploymentOptions(
-            num_replicas=1, max_ongoing_requests=1024, max_queued_requests=-1, num_cpus=0
+            autoscaling=AutoscalingOptions(
+                min_replicas=1,
+                max_replicas=default_renderer_replicas(),
+                target_ongoing_requests=2,
+                upscale_delay_s=5,
+            ),
+            max_ongoing_requests=1024,
+            max_queued_requests=-1,
+            num_cpus=0,
         )
     )
 
