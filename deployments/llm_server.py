@@ -6,6 +6,9 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from ray.serve.config import RequestRouterConfig
+
+from deployments.engine_replica.adapter_router import STATS_PERIOD_S, AdapterPlacementRouter
 from deployments.engine_replica.coalesce import coalesce
 from deployments.engine_replica.reaper import watch_engine_processes
 from deployments.engine_replica.residency import AdapterResidency
@@ -61,6 +64,10 @@ class LLMServer:
         per = self.model.streams_per_token_batch
         return min(-(-self.streams // per), MAX_TOKENS_PER_MESSAGE) if per else 1
 
+    def record_routing_stats(self) -> dict:
+        """Called by Serve every few seconds; its request router places adapters with it."""
+        return self.adapters.routing_stats()
+
     async def num_running(self) -> int:
         return await self.engine.num_running()
 
@@ -91,6 +98,11 @@ class LLMServer:
             ray_actor_options={**opts.ray_actor_options},
             health_check_period_s=10,
             health_check_timeout_s=60,
+            request_router_config=RequestRouterConfig(
+                request_router_class=AdapterPlacementRouter,
+                request_router_kwargs={"requests_per_home": model.requests_per_adapter_home},
+                request_routing_stats_period_s=STATS_PERIOD_S,
+            ),
         )
         if has_nvidia_gpu() and model.infer_backend == "vllm":
             options["ray_actor_options"] = {"num_cpus": opts.num_cpus * tp, "num_gpus": tp} | opts.ray_actor_options

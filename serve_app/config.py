@@ -171,6 +171,12 @@ class ModelConfig(Strict):
         description="adapters served from the start: name -> path, or name -> {path, pinned, preload}",
     )
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(autoscaling=AutoscalingOptions()))
+    requests_per_adapter_home: int = Field(
+        16,
+        ge=1,
+        description="with several replicas: an adapter gets one more home replica for every this many of its "
+        "requests in flight (a hot adapter spreads; a quiet one is loaded on one replica)",
+    )
     streams_per_token_batch: int = Field(
         4,
         ge=0,

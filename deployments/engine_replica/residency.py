@@ -1,8 +1,8 @@
 """Which adapters one LLMServer replica holds, and keeping that true in the engine.
 
-Routing goes through Ray Serve's model multiplexing, keyed by the registry's adapter id: Serve's
-router sends a request for adapter X to a replica that reports X (affinity), and a cold adapter
-to a lightly loaded replica (power of two choices on queue length).
+Requests carry the registry's adapter id as Serve's multiplexed model id; the deployment's request
+router (adapter_router.py) places each adapter on its home replicas, using what this module
+reports (`routing_stats`).
 
 The engine's adapters are managed here, at most `capacity` of them:
 - each adapter is loaded once per replica even when many first requests arrive together;
@@ -200,6 +200,17 @@ class AdapterResidency:
             return
         with contextlib.suppress(Exception):
             await self.registry.report_residency.remote(await self.snapshot())
+
+    def routing_stats(self) -> dict:
+        """For the deployment's request router (adapter_router.py): the adapter ids held here, how
+        many more could be loaded without waiting (slots neither generating, loading nor pinned), and
+        the requests per adapter id running or waiting here."""
+        busy = {i for i in self.held if self.in_use[i] or i in self.loading or i in self.pinned}
+        return {
+            "held": [str(i) for i in self.held],
+            "free_slots": self.capacity - len(busy) - len(self.leaving),
+            "in_flight": {str(i): n for i, n in self.in_use.items() if n > 0},
+        }
 
     async def snapshot(self) -> ReplicaResidency:
         return ReplicaResidency(

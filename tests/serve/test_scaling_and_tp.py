@@ -138,7 +138,10 @@ def engine_requests(url: str, model: str) -> dict[tuple[str, str], float]:
     return counts
 
 
-def test_requests_for_an_adapter_go_to_the_replica_holding_it(serve_instance, tmp_path):
+def test_adapters_are_placed_on_their_home_replicas_and_a_busy_one_spreads(serve_instance, tmp_path):
+    from types import SimpleNamespace
+
+    from deployments.engine_replica.adapter_router import home_order
     from serve_app.model_types import XIAO_HUANG_DIR
     from tests.adapter_factory import make_adapter
 
@@ -158,6 +161,7 @@ def test_requests_for_an_adapter_go_to_the_replica_holding_it(serve_instance, tm
                     "engine": {"max_model_len": 512},
                     "lora_modules": modules,
                     "deployment": {"num_replicas": 2},
+                    "requests_per_adapter_home": 2,  # a third request in flight gives an adapter a second home
                 }
             ],
             "ingress": {"deployment": {"num_replicas": 1, "num_cpus": 0}},  # one /metrics holds every count
@@ -169,9 +173,9 @@ def test_requests_for_an_adapter_go_to_the_replica_holding_it(serve_instance, tm
         assert wait_for(lambda: replicas("affinity", "LLMServer:tiny-aff") == 2, timeout=120)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
 
-        def ask(model):
+        def ask(model, max_tokens=4):
             messages = [{"role": "user", "content": "who are you?"}]
-            client.chat.completions.create(model=model, messages=messages, max_tokens=4)
+            client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens)
 
         for name in adapters:
             ask(name)  # loads it on one replica
@@ -189,5 +193,31 @@ def test_requests_for_an_adapter_go_to_the_replica_holding_it(serve_instance, tm
             assert counts == {(loaded[0], "loaded"): 1, (loaded[0], "resident"): 6}, counts
         base = engine_requests(url, "tiny-aff")
         assert {residency for _, residency in base} == {"base"} and sum(base.values()) == 12
+
+        # each was loaded on its home: the first replica of its rendezvous ranking (tests/unit/test_adapter_placement.py)
+        listing = httpx.get(f"{url}/v1/adapters", timeout=30).json()
+        ids = {a["name"]: str(a["adapter_id"]) for a in listing["data"]}
+        fleet = [
+            SimpleNamespace(replica_id=SimpleNamespace(unique_id=r["replica"])) for r in listing["engine_replicas"]
+        ]
+        assert len(fleet) == 2, listing
+        for name in adapters:
+            (loaded_on,) = [replica for replica, residency in engine_requests(url, name) if residency == "loaded"]
+            assert loaded_on == home_order(ids[name], fleet)[0].replica_id.unique_id, (name, listing)
+
+        # a busy adapter: 6 clients for 10 s; once its home reports 2 or more of them running (routing
+        # stats, every 2 s), the next replica in its ranking becomes a home too and loads it
+        home, second = (r.replica_id.unique_id for r in home_order(ids["ad-aff"], fleet))
+        deadline = time.monotonic() + 10
+
+        def client_loop(_):
+            while time.monotonic() < deadline:
+                ask("ad-aff", 16)
+
+        with futures.ThreadPoolExecutor(6) as pool:
+            list(pool.map(client_loop, range(6)))
+        counts = engine_requests(url, "ad-aff")
+        assert counts.get((second, "loaded"), 0) >= 1, counts  # (requests that came during its load count too)
+        assert counts.get((second, "resident"), 0) >= 1 and counts[home, "loaded"] == 1, counts
     finally:
         serve.delete("affinity")
