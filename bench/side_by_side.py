@@ -339,11 +339,22 @@ def new_adapter_latency(paths: list[Path]) -> list[float]:
     return times
 
 
+def lora_draws(args) -> list[str]:
+    """The adapter names the load generator draws from uniformly: each adapter once, or under
+    `--lora-zipf s` the adapter of rank i (from 1) about 1/i^s as often as the first one (repeated
+    round(len / i^s) times, at least once), so a few adapters take most requests."""
+    names = list(args.adapters)
+    if not args.lora_zipf:
+        return names
+    return [n for i, n in enumerate(names, 1) for _ in range(max(1, round(len(names) / i**args.lora_zipf)))]
+
+
 def lora_table(results: dict, lora_results: dict, new_adapter_s: dict, args) -> str:
     c = args.lora_concurrency
     rows = [
-        f"Multi-LoRA: {args.loras} adapters (rank {args.lora_rank}), {args.max_loras} resident, random adapter "
-        f"per request, concurrency {c}",
+        f"Multi-LoRA: {args.loras} adapters (rank {args.lora_rank}), {args.max_loras} resident, "
+        + (f"Zipf (s = {args.lora_zipf}) adapter" if args.lora_zipf else "random adapter")
+        + f" per request, concurrency {c}",
         "",
         "| system | base tok/s | LoRA tok/s | LoRA / base | LoRA TTFT p50 ms | new adapter → first token p50 s |",
         "|---|---|---|---|---|---|",
@@ -466,6 +477,7 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, default=4, help="adapters resident per replica (both servers)")
     parser.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (both servers)")
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-zipf", type=float, default=0, help="Zipf exponent of adapter popularity (0: uniform)")
     parser.add_argument("--ingress-replicas", type=int, default=1, help="lorafleet's ingress replicas")
     parser.add_argument(
         "--deploy-flags",
@@ -529,7 +541,7 @@ def run_system(system, starter, args, tag: str, found: Findings) -> None:
             print(f"{system} c={c}{tag}: {run['output_throughput']:.0f} tok/s", flush=True)
         if args.adapters and system != "ray-serve-llm":  # it loads adapters from cloud storage only
             c = args.lora_concurrency
-            found.lora_results[system] = load(system, c, args, args.out, loras=list(args.adapters), tag=tag)
+            found.lora_results[system] = load(system, c, args, args.out, loras=lora_draws(args), tag=tag)
             print(
                 f"{system} c={c} {len(args.adapters)} adapters: {found.lora_results[system]['output_throughput']:.0f} tok/s"
             )
