@@ -1,13 +1,14 @@
-"""The registry's persistent state: one SQLite file. Every change commits before it is acknowledged."""
+"""The registry's records and their store. Every change commits before it is acknowledged."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
+
+from lora_registry.database import Database
 
 
 @dataclass(frozen=True)
@@ -69,39 +70,14 @@ class AdapterPlacement:
         return {**self.record.to_dict(), "replicas": list(self.replicas)}
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT PRIMARY KEY,
-    adapter_id INTEGER NOT NULL UNIQUE,
-    path TEXT NOT NULL,
-    base_model TEXT NOT NULL,
-    rank INTEGER NOT NULL,
-    target_modules TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    pinned INTEGER NOT NULL DEFAULT 0,
-    preload INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-"""
-
-
 class AdapterStore:
-    """name -> AdapterRecord in `<state_dir>/registry.sqlite`."""
+    """name -> AdapterRecord in the registry's database (database.py: SQLite file or PostgreSQL)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(adapters)")}
-        for column in ("pinned", "preload") if "pinned" not in columns else ():  # a state dir of before
-            self.db.execute(f"ALTER TABLE adapters ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    def __init__(self, path: str | Path | None = None, database: Database | None = None):
+        self.db = database or Database(f"sqlite:///{path}")
 
     def all(self) -> dict[str, AdapterRecord]:
-        rows = self.db.execute(f"SELECT {_COLUMNS} FROM adapters ORDER BY adapter_id").fetchall()
+        rows = self.db.run(lambda: self.db.query(f"SELECT {_COLUMNS} FROM adapters ORDER BY adapter_id"))
         return {row[0]: _record(row) for row in rows}
 
     def put(
@@ -115,52 +91,68 @@ class AdapterStore:
         preload: bool = False,
     ) -> AdapterRecord:
         """Insert or replace `name`, with a fresh adapter id, in one transaction."""
-        with self._transaction():
-            adapter_id = self._next("adapter_id")
-            previous = self.db.execute("SELECT version FROM adapters WHERE name = ?", (name,)).fetchone()
-            version = (previous[0] + 1) if previous else 1
-            record = AdapterRecord(
-                name, adapter_id, path, base_model, rank, tuple(target_modules), version, time.time(), pinned, preload
-            )
-            row = (*astuple(record)[:5], json.dumps(list(target_modules)), *astuple(record)[6:])
-            self.db.execute(f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({', '.join('?' * len(row))})", row)
-        return record
+
+        def put() -> AdapterRecord:
+            with self.db.transaction():
+                adapter_id = self._next("adapter_id")
+                previous = self.db.query("SELECT version FROM adapters WHERE name = ?", (name,))
+                version = (previous[0][0] + 1) if previous else 1
+                record = AdapterRecord(
+                    name,
+                    adapter_id,
+                    path,
+                    base_model,
+                    rank,
+                    tuple(target_modules),
+                    version,
+                    time.time(),
+                    pinned,
+                    preload,
+                )
+                row = (
+                    *astuple(record)[:5],
+                    json.dumps(list(target_modules)),
+                    *astuple(record)[6:8],
+                    int(pinned),
+                    int(preload),
+                )
+                updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMN_NAMES[1:])
+                self.db.query(
+                    f"INSERT INTO adapters ({_COLUMNS}) VALUES ({', '.join('?' * len(row))}) "
+                    f"ON CONFLICT (name) DO UPDATE SET {updates}",
+                    row,
+                )
+            return record
+
+        return self.db.run(put)
 
     def set_flags(self, name: str, pinned: bool, preload: bool) -> AdapterRecord:
-        with self._transaction():
-            self.db.execute("UPDATE adapters SET pinned = ?, preload = ? WHERE name = ?", (pinned, preload, name))
-            row = self.db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name = ?", (name,)).fetchone()
-        return _record(row)
+        def set_flags() -> AdapterRecord:
+            with self.db.transaction():
+                self.db.query(
+                    "UPDATE adapters SET pinned = ?, preload = ? WHERE name = ?", (int(pinned), int(preload), name)
+                )
+                return _record(self.db.query(f"SELECT {_COLUMNS} FROM adapters WHERE name = ?", (name,))[0])
+
+        return self.db.run(set_flags)
 
     def delete(self, name: str) -> None:
-        with self._transaction():
-            self.db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+        self.db.run(lambda: self.db.query("DELETE FROM adapters WHERE name = ?", (name,)))
 
     def integrity_ok(self) -> bool:
-        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return self.db.run(self.db.integrity_ok)
 
     def _next(self, key: str) -> int:
-        row = self.db.execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchone()
-        value = (row[0] if row else 0) + 1
-        self.db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (key, value))
-        return value
-
-    def _transaction(self):
-        return _Transaction(self.db)
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        """The counter's next value, atomically (inside the caller's transaction)."""
+        return self.db.query(
+            "INSERT INTO counters VALUES (?, 1) ON CONFLICT (key) DO UPDATE SET value = counters.value + 1 "
+            "RETURNING value",
+            (key,),
+        )[0][0]
 
 
-_COLUMNS = ", ".join(f.name for f in fields(AdapterRecord))  # the table's columns, in the record's order
+_COLUMN_NAMES = [f.name for f in fields(AdapterRecord)]  # the table's columns, in the record's order
+_COLUMNS = ", ".join(_COLUMN_NAMES)
 
 
 def _record(row) -> AdapterRecord:

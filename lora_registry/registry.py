@@ -1,7 +1,8 @@
 """LoraRegistry deployment: the single source of truth for adapters.
 
-One replica (a named actor that Serve's controller owns and restarts), backed by SQLite: every
-change is committed before it is acknowledged, and a restarted replica reloads it all. Ingress and
+One replica (a named actor that Serve's controller owns and restarts), backed by a database (a
+SQLite file in the state dir, or PostgreSQL on clusters: database.py): every change is committed
+before it is acknowledged, and a restarted replica, on any node, reloads it all. Ingress and
 LLMServer replicas follow changes by long-polling `listen`, so resolving a name costs no call.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
 from lora_registry.adapter_store import AdapterPlacement, AdapterRecord, AdapterStore, RegistryState, ReplicaResidency
+from lora_registry.database import Database
 from lora_registry.path_policy import PathPolicy
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 
@@ -49,11 +51,16 @@ class BaseModelSpec:
 
 class LoraRegistry:
     def __init__(
-        self, state_dir: str, bases: list[BaseModelSpec], allowed_roots: list[str], startup: dict[str, StartupAdapter]
+        self,
+        state_dir: str,
+        bases: list[BaseModelSpec],
+        allowed_roots: list[str],
+        startup: dict[str, StartupAdapter],
+        database_url: str | None = None,
     ):
         state = Path(state_dir).expanduser()
         (state / "adapters").mkdir(parents=True, exist_ok=True)
-        self.store = AdapterStore(state / "registry.sqlite")
+        self.store = AdapterStore(database=Database.for_state_dir(database_url, state))
         self.bases = {b.name: b for b in bases}
         startup_roots = [str(Path(adapter.path).parent) for adapter in startup.values()]
         self.policy = PathPolicy([*allowed_roots, str(state / "adapters"), *startup_roots])

@@ -7,5 +7,9 @@ bash scripts/bootstrap.sh
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
+# The registry's tests start a real PostgreSQL server (tests/postgres_server.py) from Debian's package.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+fi
 # Two processes: the tests that need Ray in one, the rest beside them (tests/conftest.py).
 exec .venv/bin/python -m pytest -n 2 "$@"

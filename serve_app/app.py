@@ -56,7 +56,8 @@ def build_registry(config: AppConfig) -> Application:
         for name, module in m.lora_modules.items()
     }
     registry = serve.deployment(LoraRegistry).options(**LoraRegistry.get_deployment_options())
-    return registry.bind(config.registry.state_dir, bases, config.registry.allowed_roots, startup)
+    reg = config.registry
+    return registry.bind(reg.state_dir, bases, reg.allowed_roots, startup, reg.database_url)
 
 
 def base_model_spec(model: ModelConfig) -> BaseModelSpec:

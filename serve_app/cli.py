@@ -163,7 +163,9 @@ def config_from_args(args: argparse.Namespace):
         deployment=deployment,
     )
     registry = RegistryConfig(
-        allowed_roots=args.adapter_roots, **({"state_dir": args.state_dir} if args.state_dir else {})
+        allowed_roots=args.adapter_roots,
+        database_url=args.database_url,
+        **({"state_dir": args.state_dir} if args.state_dir else {}),
     )
     ingress = IngressConfig(api_key=args.api_key, admin_api_key=args.admin_api_key)
     return AppConfig(models=[model], ingress=ingress, registry=registry)
@@ -207,6 +209,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     group.add_argument("--admin_api_key", default=None, help="key for the adapter admin routes")
     group.add_argument("--state_dir", default=None, help="where the LoRA registry keeps its state")
+    group.add_argument(
+        "--database_url", default=None, help="postgresql://... for the LoRA registry's records (default: SQLite)"
+    )
     group.add_argument(
         "--adapter_roots", nargs="*", default=[], metavar="DIR", help="folders adapters may be registered from"
     )

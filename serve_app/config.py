@@ -271,15 +271,28 @@ def default_state_dir() -> str:
 
 
 class RegistryConfig(Strict):
-    """The LoRA registry: where it keeps its SQLite state and which folders adapters may come from."""
+    """The LoRA registry: where it keeps its state and which folders adapters may come from."""
 
     state_dir: str = Field(
-        default_factory=default_state_dir, description="SQLite state and the adapters/ upload folder"
+        default_factory=default_state_dir,
+        description="the adapters/ upload folder, and the SQLite state when database_url is unset",
+    )
+    database_url: str | None = Field(
+        None,
+        description="postgresql://user:password@host:port/db to keep the registry's records in PostgreSQL "
+        "(clusters: the registry may restart on another node); unset: <state_dir>/registry.sqlite",
     )
     allowed_roots: list[str] = Field(
         default_factory=list,
         description="folders adapters may be registered from; the startup adapters' folders and <state_dir>/adapters are always allowed",
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("database_url must start with postgresql:// (or sqlite:/// for a file)")
+        return url
 
     @model_validator(mode="after")
     def _absolute(self):

@@ -84,6 +84,13 @@ class OverloadedError(LorafleetError):
     type = "overloaded_error"
 
 
+class ServiceUnavailableError(LorafleetError):
+    """A dependency is down (the registry's database): try again shortly."""
+
+    status = 503
+    type = "service_unavailable_error"
+
+
 class ConfigError(LorafleetError, ValueError):
     """A model or engine setting that cannot work; raised before anything starts."""
 

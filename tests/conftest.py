@@ -6,7 +6,10 @@ import pytest
 
 from tests.adapter_factory import make_adapter
 
-pytest_plugins = ["tests.serve_fixtures"]  # Ray Serve apps shared by tests/serve and tests/browser
+pytest_plugins = [
+    "tests.serve_fixtures",
+    "tests.postgres_server",
+]  # Serve apps of tests/serve and tests/browser; PostgreSQL
 
 
 # Under `-n 2` (scripts/test.sh) the suite runs in two processes that share one Ray cluster and one

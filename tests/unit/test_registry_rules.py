@@ -1,4 +1,5 @@
-"""The registry's rules without Ray: persistence, ids, validation, path policy (real files, real SQLite)."""
+"""The registry's rules without Ray: persistence, ids, validation, path policy (real files), on both
+databases: a SQLite file and a real PostgreSQL server (tests/postgres_server.py)."""
 
 import asyncio
 import json
@@ -7,12 +8,14 @@ import sys
 
 import pytest
 
+from lora_registry import database
 from lora_registry.adapter_store import AdapterStore
 from lora_registry.path_policy import PathPolicy
 from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry, StartupAdapter
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from tests.adapter_factory import make_adapter, make_foreign_adapter
+from tests.postgres_server import fresh_database
 
 BASE = BaseModelSpec("tiny-chat", json.loads((TINY_CHAT_DIR / "config.json").read_text()), True, 16, VLLM_LORA_MODULES)
 
@@ -34,8 +37,20 @@ def adapters(tmp_path_factory):
     }
 
 
+DATABASE_URL: str | None = None  # this test's database (None: the SQLite file in the state dir)
+
+
+@pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    global DATABASE_URL
+    server = request.getfixturevalue("postgres_server") if request.param == "postgresql" else None
+    DATABASE_URL = fresh_database(server, str(tmp_path)) if server else None
+    yield DATABASE_URL
+    DATABASE_URL = None
+
+
 def registry(tmp_path, adapters, **startup):
-    return LoraRegistry(str(tmp_path / "state"), [BASE], [str(adapters["root"])], startup)
+    return LoraRegistry(str(tmp_path / "state"), [BASE], [str(adapters["root"])], startup, DATABASE_URL)
 
 
 def test_register_persists_and_survives_a_restart(tmp_path, adapters):
@@ -153,7 +168,7 @@ def test_refused_paths_are_never_read(tmp_path, adapters):
     assert not [p for p in opened if str(XIAO_HUANG_DIR) in p]
 
 
-def test_store_integrity(tmp_path):
-    store = AdapterStore(tmp_path / "r.sqlite")
+def test_store_integrity(tmp_path, database_url):
+    store = AdapterStore(database=database.Database.for_state_dir(database_url, tmp_path))
     store.put("a", "/x", "tiny-chat", 4, ("q_proj",))
     assert store.integrity_ok() and list(store.all()) == ["a"]
