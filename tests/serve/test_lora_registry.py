@@ -5,6 +5,7 @@ in bf16) still have an exact transformers + peft oracle."""
 import random
 import time
 from concurrent import futures
+from pathlib import Path
 
 import httpx
 import openai
@@ -20,6 +21,7 @@ from serve_app.config import AppConfig
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from serve_app.template import get_template
 from tests.adapter_factory import make_adapter, make_foreign_adapter
+from tests.postgres_server import fresh_database
 from tests.serve_fixtures import BASE, FAST_START, STATE
 
 pytestmark = pytest.mark.slow
@@ -28,7 +30,8 @@ QUERY = "who are you?"
 MAX_TOKENS = 12
 
 
-def lora_config(roots: str, replicas: int = 2) -> AppConfig:
+def lora_config(roots: str, database_url: str, replicas: int = 2, state: str = "lora") -> AppConfig:
+    """This module's app; its registry keeps its records in PostgreSQL (tests/postgres_server.py)."""
     return AppConfig.model_validate(
         {
             "models": [
@@ -55,7 +58,7 @@ def lora_config(roots: str, replicas: int = 2) -> AppConfig:
                     "num_cpus": 0,
                 }
             },
-            "registry": {"state_dir": f"{STATE}/lora", "allowed_roots": [roots]},
+            "registry": {"state_dir": f"{STATE}/{state}", "allowed_roots": [roots], "database_url": database_url},
         }
     )
 
@@ -88,8 +91,15 @@ def oracle(adapters):
 
 
 @pytest.fixture(scope="module")
-def lora_app(serve_instance, adapters):
-    serve_instance.run(build_from_config(lora_config(str(adapters[0]))), name="lora", route_prefix="/lora")
+def database_url(postgres_server, tmp_path_factory):
+    return fresh_database(postgres_server, str(tmp_path_factory.mktemp("lora-registry-db")))
+
+
+@pytest.fixture(scope="module")
+def lora_app(serve_instance, adapters, database_url):
+    serve_instance.run(
+        build_from_config(lora_config(str(adapters[0]), database_url)), name="lora", route_prefix="/lora"
+    )
     yield URL
     serve.delete("lora")
 
@@ -243,7 +253,7 @@ def test_rank_and_base_model_checks(lora_app, adapters):
     assert response.status_code == 400 and "another base model" in response.json()["error"]["message"]
 
 
-def test_registry_restart_and_app_restart_keep_adapters(lora_app, adapters, oracle):
+def test_registry_restart_and_app_restart_keep_adapters(lora_app, adapters, oracle, database_url):
     load("keep", adapters[1]["ad-3"])
     before = {r["name"]: r["adapter_id"] for r in httpx.get(f"{URL}/v1/adapters").json()["data"]}
     [replica] = [
@@ -264,8 +274,11 @@ def test_registry_restart_and_app_restart_keep_adapters(lora_app, adapters, orac
     assert ask("keep") == oracle[str(adapters[1]["ad-3"])]
 
     serve.delete("lora")
-    # One replica of each is enough to show the state came back (and starts one engine, not two).
-    serve.run(build_from_config(lora_config(str(adapters[0]), replicas=1)), name="lora", route_prefix="/lora")
+    # One replica of each is enough to show the state came back (and starts one engine, not two). A
+    # fresh state dir: the records come from PostgreSQL, as for a registry restarted on another node.
+    assert not list((Path(STATE) / "lora").glob("registry.sqlite*"))
+    config = lora_config(str(adapters[0]), database_url, replicas=1, state="lora-elsewhere")
+    serve.run(build_from_config(config), name="lora", route_prefix="/lora")
     again = {r["name"]: r["adapter_id"] for r in httpx.get(f"{URL}/v1/adapters").json()["data"]}
     assert again == before
     assert ask("keep") == oracle[str(adapters[1]["ad-3"])]
