@@ -36,7 +36,8 @@ class LLMServer:
         self.model, self.slots = lora_slots.for_model(model, await _registered_adapters(registry, model))
         starter = engine_starter or start_engine
         self.engine = await starter(self.model)
-        self._reaper = watch_engine_processes()  # engine processes must not outlive a killed replica
+        # engine processes and socket files must not outlive a killed replica
+        self._reaper = watch_engine_processes([d] if (d := getattr(self.engine, "rpc_dir", None)) else [])
         self.adapters = AdapterResidency(
             self.engine, model.served_name, self.slots.host, registry, _replica_id(), self.slots.engine
         )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from serve_app.errors import InvalidRequestError
 from serve_app.messages import AdapterRef, Delta, GenerationRequest, SamplingOptions, StructuredOutput, TokenLogprob
-from serve_app.platform import prepare_vllm_env
+from serve_app.platform import prepare_vllm_env, private_rpc_dir
 
 if TYPE_CHECKING:
     from serve_app.config import EngineOptions
@@ -30,11 +31,12 @@ def engine_args(model_dir: str, options: EngineOptions):
 class VllmEngine:
     """Owns a vLLM `AsyncLLM`. Build it inside a running event loop (`await VllmEngine.start(...)`)."""
 
-    def __init__(self, options: EngineOptions, async_llm):
+    def __init__(self, options: EngineOptions, async_llm, rpc_dir: str | None = None):
         self.options = options
         self.llm = async_llm
         self.max_model_len: int = async_llm.model_config.max_model_len
         self._running: set[str] = set()
+        self.rpc_dir = rpc_dir  # the folder of its socket files, when lorafleet chose it
 
     @classmethod
     async def start(cls, model_dir: str, options: EngineOptions) -> VllmEngine:
@@ -49,9 +51,11 @@ class VllmEngine:
         # No local names the AsyncLLM: modules that vLLM imports lazily in there keep their importers'
         # frames (this one too) for the life of the process, and a local would keep the engine alive
         # until the interpreter's teardown, where its __del__ fails on cleared module globals.
+        rpc_dir = private_rpc_dir()
         return cls(
             options,
             AsyncLLM.from_engine_args(engine_args(model_dir, options), usage_context=UsageContext.OPENAI_API_SERVER),
+            rpc_dir,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
@@ -103,6 +107,8 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        if self.rpc_dir:
+            shutil.rmtree(self.rpc_dir, ignore_errors=True)
 
     def _lora_request(self, adapter: AdapterRef | None):
         if adapter is None:

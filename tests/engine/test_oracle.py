@@ -1,6 +1,7 @@
 """Greedy tokens of vLLM (CPU) equal those of transformers (+ peft): the correctness oracle."""
 
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,7 +115,10 @@ def test_auto_slots_mix_that_many_adapters_in_one_batch(vllm_engine, hf_model):
 def test_tensor_parallel_2_equals_1(vllm_engine):
     ids = prompt_ids(vllm_engine.hf_tokenizer)
     tp2 = get_vllm_engine(ModelType.tiny_chat, tensor_parallel_size=2, **FAST_START)
+    rpc_dir = tp2.engine.rpc_dir  # its own folder for vLLM's socket files, gone after shutdown
     try:
         assert vllm_greedy(tp2, ids) == vllm_greedy(vllm_engine, ids)
+        assert rpc_dir and any(entry.is_socket() for entry in Path(rpc_dir).iterdir())
     finally:
         tp2.shutdown()
+    assert not Path(rpc_dir).exists()
