@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 # Ray Serve settings lorafleet runs with. They must be in the environment of the process that starts
 # the Ray cluster (`serve run`, `ray start`, `lorafleet deploy`): Serve's proxy and replicas read them.
@@ -89,16 +91,22 @@ def prepare_vllm_env(tensor_parallel_size: int) -> None:
 _binding_we_set: str | None = None
 
 
-def private_rpc_dir() -> str | None:
-    """A new folder for the next engine's ZeroMQ socket files, set as `VLLM_RPC_BASE_PATH`: vLLM
-    makes them in the temp folder (3 per engine start, measured) and never removes them. The engine's
-    shutdown and the replica's reaper remove this folder. None when the user set the variable."""
-    global _rpc_dir_we_set
-    if os.environ.get("VLLM_RPC_BASE_PATH") not in (None, _rpc_dir_we_set):
-        return None
-    _rpc_dir_we_set = tempfile.mkdtemp(prefix="lorafleet-vllm-rpc-")
-    os.environ["VLLM_RPC_BASE_PATH"] = _rpc_dir_we_set
-    return _rpc_dir_we_set
-
-
-_rpc_dir_we_set: str | None = None
+@contextlib.contextmanager
+def private_rpc_dir() -> Iterator[str | None]:
+    """While an engine starts: a new folder for its ZeroMQ socket files, as `VLLM_RPC_BASE_PATH`.
+    vLLM makes them in the temp folder (3 per engine start, measured) and never removes them; the
+    engine's shutdown and the replica's reaper remove this folder. The variable is unset again after
+    the start, so processes started later (which would find the folder gone) do not inherit it.
+    None when the user set the variable."""
+    if "VLLM_RPC_BASE_PATH" in os.environ:
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="lorafleet-vllm-rpc-")
+    os.environ["VLLM_RPC_BASE_PATH"] = folder
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        os.environ.pop("VLLM_RPC_BASE_PATH", None)

@@ -51,12 +51,14 @@ class VllmEngine:
         # No local names the AsyncLLM: modules that vLLM imports lazily in there keep their importers'
         # frames (this one too) for the life of the process, and a local would keep the engine alive
         # until the interpreter's teardown, where its __del__ fails on cleared module globals.
-        rpc_dir = private_rpc_dir()
-        return cls(
-            options,
-            AsyncLLM.from_engine_args(engine_args(model_dir, options), usage_context=UsageContext.OPENAI_API_SERVER),
-            rpc_dir,
-        )
+        with private_rpc_dir() as rpc_dir:
+            return cls(
+                options,
+                AsyncLLM.from_engine_args(
+                    engine_args(model_dir, options), usage_context=UsageContext.OPENAI_API_SERVER
+                ),
+                rpc_dir,
+            )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
         from vllm.inputs import TokensPrompt
