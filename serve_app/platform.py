@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import glob
 import os
 import shutil
 import tempfile
@@ -101,7 +102,8 @@ def private_rpc_dir() -> Iterator[str | None]:
     if "VLLM_RPC_BASE_PATH" in os.environ:
         yield None
         return
-    folder = tempfile.mkdtemp(prefix="lorafleet-vllm-rpc-")
+    remove_orphaned_rpc_dirs()
+    folder = tempfile.mkdtemp(prefix=f"lorafleet-vllm-rpc-{os.getpid()}-")
     os.environ["VLLM_RPC_BASE_PATH"] = folder
     try:
         yield folder
@@ -110,3 +112,22 @@ def private_rpc_dir() -> Iterator[str | None]:
         raise
     finally:
         os.environ.pop("VLLM_RPC_BASE_PATH", None)
+
+
+def remove_orphaned_rpc_dirs() -> None:
+    """Socket folders of engines whose process is gone without removing its own (killed together
+    with its reaper, as `ray stop --force` can do): the folder's name carries the owner's pid."""
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), "lorafleet-vllm-rpc-*-*")):
+        pid = os.path.basename(folder).split("-")[3]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

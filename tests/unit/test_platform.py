@@ -32,3 +32,24 @@ def test_user_binding_is_kept(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     prepare_vllm_env(1)
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+
+
+def test_socket_folders_of_dead_engine_processes_are_removed_at_the_next_start(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from serve_app import platform
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"lorafleet-vllm-rpc-{gone.stdout.strip()}-abc"
+    living = tmp_path / f"lorafleet-vllm-rpc-{os.getpid()}-def"
+    other = tmp_path / "lorafleet-vllm-rpc-notapid-x"
+    for folder in (orphan, living, other):
+        folder.mkdir()
+    with platform.private_rpc_dir() as folder:
+        assert os.environ["VLLM_RPC_BASE_PATH"] == folder and os.path.basename(folder).split("-")[3] == str(os.getpid())
+    assert "VLLM_RPC_BASE_PATH" not in os.environ  # set only while an engine starts
+    assert not orphan.exists() and living.exists() and other.exists()
