@@ -8,11 +8,12 @@ import hashlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 
 import pytest
+
+from tests.serve_fixtures import free_port
 
 
 def _bin(name: str) -> str:
@@ -29,12 +30,6 @@ def _as_server_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
     """The server's base URL (no database): `postgresql://lorafleet@127.0.0.1:<port>`."""
@@ -42,7 +37,7 @@ def postgres_server():
     if os.geteuid() == 0:
         user = pwd.getpwnam("postgres")
         os.chown(folder, user.pw_uid, user.pw_gid)
-    data, port = os.path.join(folder, "data"), _free_port()
+    data, port = os.path.join(folder, "data"), free_port()
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT, "check": True}
     subprocess.run(
         _as_server_user([_bin("initdb"), "-D", data, "-U", "lorafleet", "--auth=trust", "-E", "UTF8"]), **quiet

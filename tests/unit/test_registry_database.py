@@ -1,8 +1,6 @@
 """The registry's PostgreSQL database beyond the rules both databases share (test_registry_rules.py):
 reconnecting after the server ends the connection, and a clear error when it cannot be reached."""
 
-import socket
-
 import psycopg
 import pytest
 
@@ -11,6 +9,7 @@ from lora_registry.adapter_store import AdapterStore
 from lora_registry.registry import LoraRegistry
 from serve_app.errors import ConfigError
 from tests.postgres_server import fresh_database
+from tests.serve_fixtures import free_port
 from tests.unit.test_registry_rules import BASE
 
 
@@ -28,9 +27,7 @@ def test_a_dropped_database_connection_is_made_again(tmp_path, postgres_server):
 
 def test_an_unreachable_database_is_a_clear_error_without_the_password(tmp_path, monkeypatch):
     monkeypatch.setattr(database, "CONNECT_ATTEMPTS", 2)
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     url = f"postgresql://reg:s3cret@127.0.0.1:{port}/registry"
     with pytest.raises(ConfigError, match=rf"postgresql://reg:\*\*\*@127.0.0.1:{port}/registry is unreachable") as e:
         LoraRegistry(str(tmp_path / "state"), [BASE], [], {}, url)
