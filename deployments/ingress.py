@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hmac
 import json
 import logging
 import time
@@ -18,7 +17,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from deployments.http.admin_schemas import AdapterCreate, AdapterUpdate, LoadLoraRequest, UnloadLoraRequest
+from deployments.http.admin_schemas import (
+    AdapterCreate,
+    AdapterUpdate,
+    KeyCreate,
+    LoadLoraRequest,
+    UnloadLoraRequest,
+)
 from deployments.http.error_handlers import install_error_handlers, unwrap
 from deployments.http.openai_schemas import (
     ChatCompletionRequest,
@@ -29,18 +34,20 @@ from deployments.http.openai_schemas import (
 from deployments.http.openapi import install_openapi
 from deployments.http.request_metrics import Metrics
 from deployments.http.responses import ResponseBuilder, ResponseOptions
+from deployments.http.tenants import Caller, Gate, RateLimits, bearer
 from deployments.http.tool_calls import ToolPlan
 from lora_registry.adapter_store import RegistryState
 from lora_registry.follower import follow_registry
+from lora_registry.key_store import KEY_PREFIX, KeySpec, hash_key
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
-    AuthenticationError,
     ClientClosedRequest,
     InvalidRequestError,
     LorafleetError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    RateLimitError,
 )
 from serve_app.messages import AdapterRef, Delta, FirstMessage, GenerationRequest, RenderRequest, StructuredOutput
 from serve_app.platform import freeze_startup_heap
@@ -66,6 +73,9 @@ class Ingress:
         self.models: dict[str, ModelConfig] = {m.served_name: m for m in config.models}
         self.metrics = Metrics()
         self.created = int(time.time())
+        self.gate = Gate(config.ingress)
+        self.limits = RateLimits(share=1 / config.ingress.deployment.most_replicas)
+        self._keys_refreshed = 0.0
         self.adapter_state = await registry.state.remote()
         self._follower = asyncio.create_task(
             follow_registry(registry, self._set_adapter_state, self.adapter_state.version)
@@ -98,7 +108,9 @@ class Ingress:
         return HTMLResponse(WEB_UI)
 
     @app.get("/metrics")
-    async def metrics_route(self):
+    async def metrics_route(self, request: Request):
+        if self.adapter_state.keys:  # tenant keys are on: usage per tenant is the admin's to read
+            self.gate.admin(request, await self._keys(request))
         replicas = []
         with contextlib.suppress(Exception):  # the registry restarting: the ingress's own metrics still answer
             replicas = await asyncio.wait_for(self.registry.replicas.remote(), timeout=2)
@@ -106,16 +118,16 @@ class Ingress:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):
-        self.check_key(request)
-        return {"object": "list", "data": self.model_cards()}
+        caller = await self.authenticate(request)
+        return {"object": "list", "data": self.model_cards(caller)}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, request: Request):
-        self.check_key(request)
-        for card in self.model_cards():
+        caller = await self.authenticate(request)
+        for card in self.model_cards(caller):
             if card["id"] == model_id:
                 return card
-        await self.resolve(model_id)  # raises the 404
+        await self.resolve(model_id, caller)  # raises the 404
 
     @app.get("/version")
     async def version(self):
@@ -124,7 +136,7 @@ class Ingress:
     @app.post("/tokenize")
     async def tokenize(self, request: Request):
         req = await self.read_body(request, TokenizeRequest)
-        model, adapter = await self.resolve(req.model)
+        model, adapter = await self.resolve(req.model, request.state.caller)
         render = RenderRequest(
             model.served_name,
             messages=tuple(m.plain() for m in req.messages) if req.messages else None,
@@ -141,7 +153,7 @@ class Ingress:
     @app.post("/detokenize")
     async def detokenize(self, request: Request):
         req = await self.read_body(request, DetokenizeRequest)
-        model, _ = await self.resolve(req.model)
+        model, _ = await self.resolve(req.model, request.state.caller)
         return {"prompt": await self.renderer.detokenize.remote(model.served_name, tuple(req.tokens))}
 
     @app.post("/v1/chat/completions")
@@ -154,8 +166,9 @@ class Ingress:
 
     async def _chat(self, request: Request):
         req = await self.read_body(request, ChatCompletionRequest)
-        model, adapter = await self.resolve(req.model)
+        model, adapter = await self.resolve(req.model, request.state.caller)
         request.state.model = req.model
+        self.admit(request.state.caller)
         if not model.is_chat:
             raise InvalidRequestError(
                 f"model '{req.model}' is a generation model without a chat template; use /v1/completions.",
@@ -182,12 +195,13 @@ class Ingress:
             n=req.n,
         )
         structured = plan.structured or req.structured_output()
-        return await self.generate("chat", req, [render], model, adapter, options, structured)
+        return await self.generate("chat", req, [render], model, adapter, options, structured, request.state.caller)
 
     async def _completion(self, request: Request):
         req = await self.read_body(request, CompletionRequest)
-        model, adapter = await self.resolve(req.model)
+        model, adapter = await self.resolve(req.model, request.state.caller)
         request.state.model = req.model
+        self.admit(request.state.caller)
         if req.echo and req.stream and req.logprobs is not None:
             raise InvalidRequestError("`echo` with `logprobs` is not supported when streaming.", param="echo")
         renders = [
@@ -206,13 +220,17 @@ class Ingress:
             continuous_usage=req.continuous_usage,
             n=req.n,
         )
-        return await self.generate("completion", req, renders, model, adapter, options, req.structured_output())
+        structured = req.structured_output()
+        return await self.generate(
+            "completion", req, renders, model, adapter, options, structured, request.state.caller
+        )
 
     async def _observed(self, route: str, request: Request, work):
         """Run a route, counting it by model and status whatever happens."""
         try:
             response = await work
             self.metrics.finished(getattr(request.state, "model", "unknown"), route, response.status_code)
+            self._count_tenant(request, response.status_code)
             return response
         except BaseException as exc:
             error = unwrap(exc)
@@ -221,15 +239,17 @@ class Ingress:
             # A hang-up is counted by its status (499) but is not an error of the server's.
             error_type = None if isinstance(error, ClientClosedRequest) else getattr(error, "type", "internal_error")
             self.metrics.finished(model, route, status, error_type)
+            self._count_tenant(request, status)
             if error is not exc:
                 raise error from None
             raise
 
-    # --- adapter admin (needs admin_api_key whenever api_key is set) --------------------------
+    # --- adapter admin (the admin key; tenant keys that may register, for their own adapters) ---
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request):
-        body = await self.read_admin_body(request, LoadLoraRequest)
+        body = await self.read_admin_body(request, LoadLoraRequest, tenants_may_register=True)
+        self._check_registrant(request.state.caller, body.lora_name, body.base_model)
         record = await self.registry.register.remote(
             body.lora_name, body.lora_path, body.base_model, body.replace, body.force, body.pinned, body.preload
         )
@@ -242,7 +262,8 @@ class Ingress:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, request: Request):
-        body = await self.read_admin_body(request, UnloadLoraRequest)
+        body = await self.read_admin_body(request, UnloadLoraRequest, tenants_may_register=True)
+        self._check_owner(request.state.caller, body.lora_name, "lora_name")
         record = await self.registry.unregister.remote(body.lora_name)
         await self._refresh_adapters()
         return {
@@ -253,7 +274,7 @@ class Ingress:
 
     @app.get("/v1/adapters")
     async def list_adapters(self, request: Request):
-        self.check_admin_key(request)
+        self.gate.admin(request, await self._keys(request))
         placements, replicas = await asyncio.gather(self.registry.describe.remote(), self.registry.replicas.remote())
         return {
             "object": "list",
@@ -263,7 +284,8 @@ class Ingress:
 
     @app.post("/v1/adapters", status_code=201)
     async def create_adapter(self, request: Request):
-        body = await self.read_admin_body(request, AdapterCreate)
+        body = await self.read_admin_body(request, AdapterCreate, tenants_may_register=True)
+        self._check_registrant(request.state.caller, body.name, body.base_model)
         record = await self.registry.register.remote(
             body.name, body.path, body.base_model, body.replace, body.force, body.pinned, body.preload
         )
@@ -273,40 +295,118 @@ class Ingress:
     @app.patch("/v1/adapters/{name:path}")
     async def update_adapter(self, name: str, request: Request):
         """Pin or unpin, preload or not, an adapter already registered (its id stays)."""
-        body = await self.read_admin_body(request, AdapterUpdate)
+        body = await self.read_admin_body(request, AdapterUpdate, tenants_may_register=True)
+        self._check_owner(request.state.caller, name, "name")
         record = await self.registry.set_flags.remote(name, body.pinned, body.preload)
         await self._refresh_adapters()
         return {"object": "lora_adapter", **record.to_dict()}
 
     @app.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request):
-        self.check_admin_key(request)
+        caller = self.gate.admin(request, await self._keys(request), tenants_may_register=True)
+        self._check_owner(caller, name, "name")
         record = await self.registry.unregister.remote(name)
         await self._refresh_adapters()
         return {"object": "lora_adapter", "deleted": True, **record.to_dict()}
 
-    async def read_admin_body(self, request: Request, schema):
-        self.check_admin_key(request)
+    # --- tenant keys (the admin key only) -----------------------------------------------------
+
+    @app.post("/v1/keys", status_code=201)
+    async def create_key(self, request: Request):
+        body = await self.read_admin_body(request, KeyCreate)
+        if self.config.ingress.admin_api_key is None:  # else nobody could manage keys once one exists
+            raise InvalidRequestError(
+                "tenant keys need ingress.admin_api_key (flag --admin_api_key): it is the key that manages them.",
+                code="admin_key_not_configured",
+            )
+        spec = KeySpec(
+            body.name,
+            body.tenant,
+            tuple(body.models),
+            body.can_register,
+            body.requests_per_minute,
+            body.tokens_per_minute,
+        )
+        record, secret = await self.registry.create_key.remote(spec)
+        await self._refresh_adapters()
+        return JSONResponse({**record.to_dict(), "key": secret}, status_code=201)
+
+    @app.get("/v1/keys")
+    async def list_keys(self, request: Request):
+        self.gate.admin(request, await self._keys(request))
+        return {"object": "list", "data": [k.to_dict() for k in await self.registry.list_keys.remote()]}
+
+    @app.delete("/v1/keys/{name:path}")
+    async def revoke_key(self, name: str, request: Request):
+        self.gate.admin(request, await self._keys(request))
+        record = await self.registry.revoke_key.remote(name)
+        await self._refresh_adapters()
+        return {**record.to_dict(), "revoked": True}
+
+    async def read_admin_body(self, request: Request, schema, tenants_may_register: bool = False):
+        request.state.caller = self.gate.admin(request, await self._keys(request), tenants_may_register)
         return await self.read_body(request, schema, check_key=False)
 
-    def check_admin_key(self, request: Request) -> None:
-        keys = self.config.ingress
-        if keys.api_key is None and keys.admin_api_key is None:
+    def _check_registrant(self, caller: Caller, name: str, base_model: str | None) -> None:
+        """A tenant key registers adapters under its tenant's prefix, on base models it may use."""
+        if caller.key is None:
             return
-        given = _bearer(request)
-        if (
-            keys.admin_api_key is not None
-            and given
-            and hmac.compare_digest(given.encode(), keys.admin_api_key.encode())
-        ):
-            return
-        if keys.api_key is not None and given and hmac.compare_digest(given.encode(), keys.api_key.encode()):
+        if not caller.owns(name):
             raise PermissionDeniedError(
-                "adapter admin routes need the admin_api_key, not the api_key.", code="admin_key_required"
+                f"this key registers adapters named '{caller.key.adapter_prefix}...' only.",
+                param="lora_name",
+                code="adapter_prefix_required",
             )
-        raise AuthenticationError(
-            "missing or wrong admin key; send `Authorization: Bearer <admin_api_key>`.", code="invalid_api_key"
-        )
+        if base_model is not None and not caller.may_use(base_model, self.models):
+            raise NotFoundError(f"base model '{base_model}' is not served.", param="base_model")
+
+    @staticmethod
+    def _check_owner(caller: Caller, name: str, param: str) -> None:
+        if not caller.owns(name):  # another tenant's adapter reads as one that does not exist
+            raise NotFoundError(f"adapter '{name}' is not registered; GET /v1/models lists yours.", param=param)
+
+    async def _keys(self, request: Request):
+        """The tenant keys in force; an unknown tenant key makes the ingress ask the registry (at most
+        once a second: the key may be a moment old, created through another ingress replica)."""
+        given = bearer(request)
+        keys = self.adapter_state.keys
+        if given.startswith(KEY_PREFIX) and hash_key(given) not in keys:
+            if time.monotonic() - self._keys_refreshed > 1.0:
+                self._keys_refreshed = time.monotonic()
+                await self._refresh_adapters()
+        return self.adapter_state.keys
+
+    async def authenticate(self, request: Request) -> Caller:
+        """The caller of a /v1 route (401 if none), kept on `request.state.caller`."""
+        caller = self.gate.caller(request, await self._keys(request))
+        if caller is None:
+            raise self.gate.refused()
+        request.state.caller = caller
+        return caller
+
+    def admit(self, caller: Caller) -> None:
+        """A tenant key's requests and tokens per minute (429 with Retry-After when over)."""
+        if caller.key is None:
+            return
+        try:
+            self.limits.admit(caller.key)
+        except RateLimitError as e:
+            self.metrics.rate_limited.labels(self.metrics.tenant(caller.tenant), e.type).inc()
+            raise
+
+    def _count_tenant(self, request: Request, status: int) -> None:
+        caller = getattr(request.state, "caller", None)
+        if caller is not None and caller.key is not None:
+            self.metrics.tenant_requests.labels(self.metrics.tenant(caller.tenant), str(status)).inc()
+
+    def _charge(self, caller: Caller, builder: ResponseBuilder) -> None:
+        """The tokens a tenant's request used, also when it failed or its client left mid-stream."""
+        if caller.key is None:
+            return
+        usage, tenant = builder.usage, self.metrics.tenant(caller.tenant)
+        self.metrics.tenant_tokens.labels(tenant, "prompt").inc(usage["prompt_tokens"])
+        self.metrics.tenant_tokens.labels(tenant, "completion").inc(usage["completion_tokens"])
+        self.limits.charge(caller.key, usage["total_tokens"])
 
     async def _refresh_adapters(self) -> None:
         self.adapter_state = await self.registry.state.remote()
@@ -315,7 +415,7 @@ class Ingress:
 
     async def read_body(self, request: Request, schema, check_key: bool = True):
         if check_key:
-            self.check_key(request)
+            await self.authenticate(request)
         limit = self.config.ingress.max_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:
             raise PayloadTooLargeError(f"request body is larger than {limit} bytes.", code="body_too_large")
@@ -336,24 +436,17 @@ class Ingress:
                     raise error from None
             raise InvalidRequestError(_describe(e), param=_first_loc(e)) from None
 
-    def check_key(self, request: Request) -> None:
-        key = self.config.ingress.api_key
-        if key is None:
-            return
-        given = _bearer(request)
-        if not given or not hmac.compare_digest(given.encode(), key.encode()):
-            raise AuthenticationError(
-                "missing or wrong API key; send `Authorization: Bearer <api_key>`.", code="invalid_api_key"
-            )
-
-    async def resolve(self, name: str) -> tuple[ModelConfig, AdapterRef | None]:
-        if name in self.models:
+    async def resolve(self, name: str, caller: Caller) -> tuple[ModelConfig, AdapterRef | None]:
+        """The base model and adapter `name` means, if the caller may use it (else the same 404 as for
+        a name that does not exist)."""
+        visible = caller.may_use(name, self.models)
+        if visible and name in self.models:
             return self.models[name], None
         record = self.adapter_state.adapters.get(name)
-        if record is None:  # maybe registered a moment ago through another ingress replica
+        if record is None and visible:  # maybe registered a moment ago through another ingress replica
             self.adapter_state = await self.registry.state.remote()
             record = self.adapter_state.adapters.get(name)
-        if record is not None:
+        if record is not None and visible:
             return self.models[record.base_model], AdapterRef(name, record.adapter_id, record.path)
         raise NotFoundError(
             f"model '{name}' does not exist; GET /v1/models lists the served models and adapters.",
@@ -361,7 +454,7 @@ class Ingress:
             code="model_not_found",
         )
 
-    def model_cards(self) -> list[dict]:
+    def model_cards(self, caller: Caller) -> list[dict]:
         def card(name: str, root: str, parent: str | None, base: ModelConfig) -> dict:
             return {
                 "id": name,
@@ -377,7 +470,7 @@ class Ingress:
         cards = [card(name, name, None, m) for name, m in self.models.items()]
         for name, record in self.adapter_state.adapters.items():
             cards.append(card(name, record.path, record.base_model, self.models[record.base_model]))
-        return cards
+        return [c for c in cards if caller.may_use(c["id"], self.models)]
 
     # --- generation -------------------------------------------------------------------------
 
@@ -390,6 +483,7 @@ class Ingress:
         adapter: AdapterRef | None,
         options: ResponseOptions,
         structured: StructuredOutput | None,
+        caller: Caller,
     ):
         """Render every prompt, stream each from the model's LLMServer, and answer as one response
         (choice `index` runs across prompts, then `n`)."""
@@ -426,7 +520,7 @@ class Ingress:
         stream = _merged(streams, req.n)
         if req.stream:
             return StreamingResponse(
-                self._events(stream, streams, first, builder, req, started), media_type="text/event-stream"
+                self._events(stream, streams, first, builder, req, started, caller), media_type="text/event-stream"
             )
         try:
             if first:
@@ -437,6 +531,7 @@ class Ingress:
         finally:  # a prompt that failed: the batch's other engine requests stop too
             for s in streams:
                 s.cancel()
+            self._charge(caller, builder)
         self._count(builder, req.model, started)
         return JSONResponse(builder.final())
 
@@ -459,7 +554,7 @@ class Ingress:
         """The streaming handle for a model and adapter id, made once: `.options()` copies a handle."""
         return self.servers[model].options(stream=True, multiplexed_model_id=multiplexed)
 
-    async def _events(self, stream, streams, first, builder: ResponseBuilder, req, started: float):
+    async def _events(self, stream, streams, first, builder: ResponseBuilder, req, started: float, caller: Caller):
         """SSE: one write per engine message (which may carry several tokens)."""
         try:
             if builder.options.echo:
@@ -483,6 +578,7 @@ class Ingress:
         finally:
             for s in streams:
                 s.cancel()  # no-op when finished; aborts the engine request when the client left
+            self._charge(caller, builder)
 
     @staticmethod
     def _chunks(builder: ResponseBuilder, deltas) -> str:
@@ -542,11 +638,6 @@ async def _merged(streams: list, n: int):
     finally:
         for task in pumps:
             task.cancel()
-
-
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    return header[7:] if header[:7].lower() == "bearer " else ""
 
 
 async def _first_message(stream) -> FirstMessage | None:

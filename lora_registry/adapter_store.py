@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, astuple, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, field, fields
 from pathlib import Path
 
 from lora_registry.database import Database
+from lora_registry.key_store import KeyRecord
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class RegistryState:
 
     version: str
     adapters: Mapping[str, AdapterRecord]
+    keys: Mapping[str, KeyRecord] = field(default_factory=dict)  # tenant keys in force, by key hash
 
 
 LOAD_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

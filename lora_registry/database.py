@@ -41,6 +41,20 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE adapters ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE adapters ADD COLUMN preload INTEGER NOT NULL DEFAULT 0",
     ],
+    [  # tenant keys (key_store.py): hashed, never deleted (a revoked key's name stays taken)
+        """CREATE TABLE IF NOT EXISTS api_keys (
+            name TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            key_hint TEXT NOT NULL,
+            models TEXT NOT NULL,
+            can_register INTEGER NOT NULL,
+            requests_per_minute INTEGER,
+            tokens_per_minute INTEGER,
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION
+        )""",
+    ],
 ]
 CONNECT_ATTEMPTS = 6  # with backoff 0.25, 0.5, 1, 2, 4 s: about 8 s before giving up
 OPERATION_ATTEMPTS = 3

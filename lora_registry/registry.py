@@ -18,6 +18,7 @@ from pathlib import Path
 from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
 from lora_registry.adapter_store import AdapterPlacement, AdapterRecord, AdapterStore, RegistryState, ReplicaResidency
 from lora_registry.database import Database
+from lora_registry.key_store import KeyRecord, KeySpec, KeyStore
 from lora_registry.path_policy import PathPolicy
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 
@@ -60,11 +61,14 @@ class LoraRegistry:
     ):
         state = Path(state_dir).expanduser()
         (state / "adapters").mkdir(parents=True, exist_ok=True)
-        self.store = AdapterStore(database=Database.for_state_dir(database_url, state))
+        database = Database.for_state_dir(database_url, state)
+        self.store = AdapterStore(database=database)
+        self.key_store = KeyStore(database)
         self.bases = {b.name: b for b in bases}
         startup_roots = [str(Path(adapter.path).parent) for adapter in startup.values()]
         self.policy = PathPolicy([*allowed_roots, str(state / "adapters"), *startup_roots])
         self.records: dict[str, AdapterRecord] = self.store.all()
+        self.keys: dict[str, KeyRecord] = _in_force(self.key_store.all())  # by key hash
         self.generation = uuid.uuid4().hex[:8]  # a restart invalidates every listener's version
         self.counter = 0
         self._changed: asyncio.Event | None = None
@@ -95,7 +99,7 @@ class LoraRegistry:
     # --- queries ------------------------------------------------------------------------------
 
     async def state(self) -> RegistryState:
-        return RegistryState(f"{self.generation}:{self.counter}", dict(self.records))
+        return RegistryState(f"{self.generation}:{self.counter}", dict(self.records), dict(self.keys))
 
     async def listen(self, known_version: str, timeout_s: float = 30.0) -> RegistryState:
         """Long-poll: returns as soon as the state differs from `known_version`, or at the timeout."""
@@ -155,6 +159,22 @@ class LoraRegistry:
         self.records[name] = self.store.set_flags(name, **flags)  # committed here
         self._notify()
         return self.records[name]
+
+    async def create_key(self, spec: KeySpec) -> tuple[KeyRecord, str]:
+        """A tenant key and its secret (the only time the secret exists outside the client)."""
+        record, secret = self.key_store.create(spec)  # committed here
+        self.keys[record.key_hash] = record
+        self._notify()
+        return record, secret
+
+    async def revoke_key(self, name: str) -> KeyRecord:
+        record = self.key_store.revoke(name)  # committed here
+        self.keys.pop(record.key_hash, None)
+        self._notify()
+        return record
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return self.key_store.all()
 
     def _register(
         self,
@@ -233,3 +253,7 @@ class LoraRegistry:
         self.counter += 1
         event, self._changed = self._event(), asyncio.Event()
         event.set()
+
+
+def _in_force(keys: list[KeyRecord]) -> dict[str, KeyRecord]:
+    return {k.key_hash: k for k in keys if k.revoked_at is None}

@@ -203,6 +203,57 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise SystemExit("lorafleet: say what to export: --merge_lora true or --to_peft_format true.")
 
 
+def cmd_keys(args: argparse.Namespace) -> None:
+    from serve_app.admin_client import AdminClient
+
+    client = AdminClient(args.url, args.admin_api_key)
+    try:
+        if args.action == "create":
+            spec = {
+                "tenant": args.tenant,
+                "models": args.models,
+                "can_register": args.can_register,
+                "requests_per_minute": args.requests_per_minute,
+                "tokens_per_minute": args.tokens_per_minute,
+            }
+            key = client.create_key(args.name, **spec)
+            print(f"created key '{key['name']}' of tenant '{key['tenant']}'; its secret (shown only now):")
+            print(key["key"])
+        elif args.action == "revoke":
+            key = client.revoke_key(args.name)
+            print(f"revoked key '{key['name']}' ({key['key_hint']})")
+        else:
+            _print_keys(client.list_keys())
+    finally:
+        client.close()
+
+
+def _print_keys(keys: list[dict]) -> None:
+    columns = ("name", "tenant", "key_hint", "models", "can_register", "requests_per_minute", "tokens_per_minute")
+    rows = [[str(k[c] if c != "models" else ",".join(k[c]) or "(base models)") for c in columns] for k in keys]
+    rows = [[*row, "revoked" if k["revoked_at"] else "active"] for row, k in zip(rows, keys, strict=True)]
+    header = [*columns, "state"]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    for row in [header, *rows]:
+        print("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+
+
+def add_keys_parser(sub) -> None:
+    keys = sub.add_parser("keys", help="create, list and revoke tenant API keys of a running app")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("--url", default="http://127.0.0.1:8000", help="the app's address (default: %(default)s)")
+    keys.add_argument("--admin_api_key", default=None, help="the app's admin key (default: $LORAFLEET_ADMIN_API_KEY)")
+    keys.add_argument("--name", default=None, help="the key's name (create, revoke)")
+    keys.add_argument("--tenant", default=None, help="its tenant (default: the name); adapters `TENANT:*` are its own")
+    keys.add_argument(
+        "--models", nargs="*", default=[], metavar="PATTERN", help="models/adapters it may use (default: base models)"
+    )
+    keys.add_argument("--can_register", type=str2bool, default=False, help="may register adapters `TENANT:*`")
+    keys.add_argument("--requests_per_minute", type=int, default=None)
+    keys.add_argument("--tokens_per_minute", type=int, default=None)
+    keys.set_defaults(func=cmd_keys)
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("serving")
     group.add_argument("--served_model_name", default=None, help="the `model` clients send (default: the model type)")
@@ -261,11 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output_dir", default=None, help="default: CKPT_DIR-merged (or CKPT_DIR-peft)")
     export.add_argument("--quant_bits", type=int, default=0, help="not supported yet")
     export.set_defaults(func=cmd_export)
+    add_keys_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "action", None) in ("create", "revoke") and not args.name:
+        raise SystemExit(f"lorafleet: keys {args.action} needs --name")
     try:
         args.func(args)
     except LorafleetError as e:

@@ -77,6 +77,10 @@ class DeploymentOptions(Strict):
             raise ValueError("give either num_replicas or autoscaling, not both")
         return self
 
+    @property
+    def most_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas or 1
+
     def serve_options(self, name: str) -> dict:
         """Ray Serve options of a CPU-only deployment (Ingress, Renderer) with these settings."""
         options = dict(

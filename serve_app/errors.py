@@ -8,6 +8,7 @@ class LorafleetError(Exception):
 
     status = 500
     type = "internal_error"
+    headers: dict[str, str] | None = None  # extra HTTP headers of the error response
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -77,6 +78,20 @@ class ClientClosedRequest(LorafleetError):
 
     status = 499
     type = "client_closed_request"
+
+
+class RateLimitError(LorafleetError):
+    """A tenant key over its requests or tokens per minute: OpenAI's shape, with Retry-After."""
+
+    status = 429
+
+    def __init__(self, kind: str, limit: int, retry_after_s: int):
+        super().__init__(
+            f"rate limit reached for {kind} per minute (limit {limit}); retry in {retry_after_s} s.",
+            code="rate_limit_exceeded",
+        )
+        self.type = kind  # OpenAI's types: "requests" or "tokens"
+        self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class OverloadedError(LorafleetError):

@@ -55,7 +55,7 @@ def main_config() -> AppConfig:
 
 
 def guarded_config() -> AppConfig:
-    """API key on, and a queue of one so overload is easy to reach."""
+    """API keys on (tenant keys too, in its tests), and a queue of one so overload is easy to reach."""
     return AppConfig.model_validate(
         {
             "models": [
@@ -63,6 +63,7 @@ def guarded_config() -> AppConfig:
                     "name": "guarded",
                     "model_type": "tiny-chat",
                     "infer_backend": "pt",
+                    "lora_modules": {"xiao-huang": str(XIAO_HUANG_DIR)},  # a tenant key must not see it
                     "deployment": {"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
                 }
             ],

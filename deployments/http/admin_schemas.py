@@ -46,3 +46,18 @@ class AdapterUpdate(BaseModel):
 
     pinned: bool | None = Field(None, description="never evicted from an engine replica once loaded")
     preload: bool | None = Field(None, description="loaded on every engine replica of its model")
+
+
+class KeyCreate(BaseModel):
+    """`POST /v1/keys` body: a tenant key (the secret is in the answer, once)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="the key's name (unique; revoked keys keep theirs)")
+    tenant: str | None = Field(None, description="the tenant it belongs to (default: its name); adapters `<tenant>:*`")
+    models: list[str] = Field(
+        default_factory=list, description="fnmatch patterns of models and adapters it may use (default: base models)"
+    )
+    can_register: bool = Field(False, description="may register adapters named `<tenant>:...` and remove them")
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1, description="prompt + completion tokens")

@@ -20,7 +20,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 async def _lorafleet_error(request: Request, exc: LorafleetError):
-    return JSONResponse(exc.to_dict(), status_code=exc.status)
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -32,7 +32,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 async def _unexpected_error(request: Request, exc: Exception):
     exc = unwrap(exc)
     if isinstance(exc, LorafleetError):
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
     logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     error = LorafleetError("internal error; the server log has the details.")
     return JSONResponse(error.to_dict(), status_code=500)

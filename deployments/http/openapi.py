@@ -5,7 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from deployments.http.admin_schemas import AdapterCreate, AdapterUpdate, LoadLoraRequest, UnloadLoraRequest
+from deployments.http.admin_schemas import (
+    AdapterCreate,
+    AdapterUpdate,
+    KeyCreate,
+    LoadLoraRequest,
+    UnloadLoraRequest,
+)
 from deployments.http.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -22,6 +28,7 @@ REQUEST_BODIES = {
     ("/v1/unload_lora_adapter", "post"): UnloadLoraRequest,
     ("/v1/adapters", "post"): AdapterCreate,
     ("/v1/adapters/{name}", "patch"): AdapterUpdate,
+    ("/v1/keys", "post"): KeyCreate,
     ("/tokenize", "post"): TokenizeRequest,
     ("/detokenize", "post"): DetokenizeRequest,
 }

@@ -1,6 +1,11 @@
 """API keys and overload (503) on an app with api_key set and a queue of one."""
 
 import concurrent.futures as futures
+import os
+import re
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -8,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from serve_app.model_types import XIAO_HUANG_DIR
 from tests.serve.fuzzing import PUBLIC, check, fuzz
 from tests.serve_fixtures import ADMIN_KEY, API_KEY, BASE, guarded_config
 
@@ -73,17 +79,21 @@ def test_admin_routes_need_the_admin_key(guarded_app, key, status):
 
 def test_keys_never_reach_the_logs(guarded_app):
     """Requests with right and wrong keys, then no key appears in any Ray/Serve log file."""
-    import ray
-
     for key in (API_KEY, ADMIN_KEY, "Bearer-wrong-key-123"):
         httpx.post(f"{guarded_app}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"})
         httpx.get(f"{guarded_app}/v1/adapters", headers={"Authorization": f"Bearer {key}"})
+    _assert_not_in_logs(API_KEY, ADMIN_KEY, "Bearer-wrong-key-123")
+
+
+def _assert_not_in_logs(*keys: str) -> None:
+    import ray
+
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     files = [p for p in logs.rglob("*") if p.is_file()]
     assert files
     for path in files:
         text = path.read_bytes()
-        for key in (API_KEY, ADMIN_KEY, "Bearer-wrong-key-123"):
+        for key in keys:
             assert key.encode() not in text, f"{key} in {path}"
 
 
@@ -98,3 +108,99 @@ def test_fuzz_guarded_app_with_and_without_keys(guarded_app):
             assert case.path in PUBLIC or response.status_code in (401, 403), response.text[:200]
 
     assert len(fuzz(guarded_app, with_and_without_keys, examples=8)) >= 11
+
+
+def test_tenant_keys_see_and_use_only_their_own_and_are_limited(guarded_app):
+    """Keys created through the admin API: each tenant sees the base model and its own adapters
+    (another's is a 404 like a name that does not exist), registers only under its prefix, meets
+    its requests/minute with 429 + Retry-After, is counted per tenant on /metrics (which then needs
+    the admin key), and stops working when revoked. Runs after the tests above: keys stay on."""
+    admin = httpx.Client(base_url=guarded_app, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+
+    def new_key(name, **spec):
+        response = admin.post("/v1/keys", json={"name": name, **spec})
+        assert response.status_code == 201, response.text
+        return response.json()["key"]
+
+    acme = new_key("acme-1", tenant="acme", can_register=True)
+    globex = new_key("globex", requests_per_minute=2)
+    assert admin.post("/v1/keys", json={"name": "globex"}).status_code == 409
+    as_acme = httpx.Client(base_url=guarded_app, headers={"Authorization": f"Bearer {acme}"}, timeout=60)
+
+    registered = as_acme.post("/v1/load_lora_adapter", json={"lora_name": "acme:bot", "lora_path": str(XIAO_HUANG_DIR)})
+    assert registered.status_code == 200, registered.text
+    outside = as_acme.post("/v1/adapters", json={"name": "globex:bot", "path": str(XIAO_HUANG_DIR)})
+    assert outside.status_code == 403 and outside.json()["error"]["code"] == "adapter_prefix_required"
+    by_globex = httpx.post(
+        f"{guarded_app}/v1/adapters",
+        json={"name": "globex:x", "path": str(XIAO_HUANG_DIR)},
+        headers={"Authorization": f"Bearer {globex}"},
+    )
+    assert by_globex.status_code == 403  # this key may not register
+
+    def models(secret):
+        client = openai.OpenAI(base_url=f"{guarded_app}/v1", api_key=secret, max_retries=0)
+        return sorted(m.id for m in client.models.list().data), client
+
+    seen, acme_client = models(acme)
+    assert seen == ["acme:bot", "guarded"]
+    seen, globex_client = models(globex)
+    assert seen == ["guarded"]
+    assert models(API_KEY)[0] == ["acme:bot", "guarded", "xiao-huang"]
+
+    ask = {"messages": [{"role": "user", "content": "你是谁"}], "max_tokens": 8, "temperature": 0}
+    answer = acme_client.chat.completions.create(model="acme:bot", **ask).choices[0].message.content
+    same_weights = models(API_KEY)[1].chat.completions.create(model="xiao-huang", **ask)
+    assert answer == same_weights.choices[0].message.content  # acme:bot is xiao-huang's files
+    with pytest.raises(openai.NotFoundError) as hidden:
+        globex_client.chat.completions.create(model="acme:bot", **ask)
+    with pytest.raises(openai.NotFoundError) as missing:
+        globex_client.chat.completions.create(model="acme:none", **ask)
+    assert str(hidden.value).replace("acme:bot", "X") == str(missing.value).replace("acme:none", "X")
+    assert globex_client.chat.completions.create(model="guarded", **ask).choices[0].message.content
+    with pytest.raises(openai.RateLimitError) as limited:  # its second request this minute, then a third
+        for _ in range(2):
+            globex_client.chat.completions.create(model="guarded", **ask)
+    assert 1 <= int(limited.value.response.headers["Retry-After"]) <= 30
+    assert limited.value.body["code"] == "rate_limit_exceeded"
+
+    deleted = as_acme.delete("/v1/adapters/xiao-huang")  # not its own: as if it did not exist
+    assert deleted.status_code == 404
+    assert as_acme.get("/v1/adapters").status_code == 403
+    assert httpx.get(f"{guarded_app}/metrics").status_code == 401
+    metrics = admin.get("/metrics").text
+    assert 'lorafleet_tenant_requests_total{status="200",tenant="acme"}' in metrics
+    assert 'lorafleet_tenant_rate_limited_total{limit="requests",tenant="globex"} 1.0' in metrics
+    assert 'lorafleet_tenant_tokens_total{kind="completion",tenant="acme"}' in metrics
+
+    listed = {k["name"]: k for k in admin.get("/v1/keys").json()["data"]}
+    assert listed["acme-1"]["key_hint"] == acme[:8] + "..." and "key" not in listed["acme-1"]
+    assert admin.delete("/v1/keys/acme-1").json()["revoked"] is True
+    with pytest.raises(openai.AuthenticationError):
+        acme_client.models.list()
+    _assert_not_in_logs(acme, globex)
+
+
+def test_readme_keys_commands(guarded_app):
+    """The README's `lorafleet keys` block, run as written (the app's address added)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "lorafleet keys create" in b)
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith("lorafleet keys")]
+    assert [c[2] for c in commands] == ["create", "list", "revoke"]
+    env = {**os.environ, "LORAFLEET_ADMIN_API_KEY": ADMIN_KEY}
+    lorafleet = str(Path(sys.executable).parent / "lorafleet")
+    printed = []
+    for command in commands:
+        done = subprocess.run(
+            [lorafleet, *command[1:], "--url", guarded_app], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        printed.append(done.stdout)
+    secret = printed[0].splitlines()[-1]
+    assert secret.startswith("lf-")
+    assert "acme-prod" in printed[1] and secret[:8] in printed[1] and secret not in printed[1]
+    assert "revoked key 'acme-prod'" in printed[2]
+    refused = subprocess.run(
+        [lorafleet, "keys", "list", "--url", guarded_app], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2 and "401" in refused.stderr and "Traceback" not in refused.stderr

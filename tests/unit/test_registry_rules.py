@@ -10,6 +10,7 @@ import pytest
 
 from lora_registry import database
 from lora_registry.adapter_store import AdapterStore
+from lora_registry.key_store import KeySpec, hash_key
 from lora_registry.path_policy import PathPolicy
 from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry, StartupAdapter
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -172,3 +173,42 @@ def test_store_integrity(tmp_path, database_url):
     store = AdapterStore(database=database.Database.for_state_dir(database_url, tmp_path))
     store.put("a", "/x", "tiny-chat", 4, ("q_proj",))
     assert store.integrity_ok() and list(store.all()) == ["a"]
+
+
+def test_tenant_keys_are_stored_hashed_revoked_and_survive_a_restart(tmp_path, adapters):
+    reg = registry(tmp_path, adapters)
+    record, secret = run(reg.create_key(KeySpec("acme-1", tenant="acme", models=("tiny-chat",), can_register=True)))
+    assert secret.startswith("lf-") and len(secret) > 40 and record.key_hint == secret[:8] + "..."
+    state = run(reg.state())
+    assert state.keys == {hash_key(secret): record} and record.adapter_prefix == "acme:"
+    assert secret not in repr(record) and secret not in str(record.to_dict())
+    with pytest.raises(ConflictError):  # a name is taken for good
+        run(reg.create_key(KeySpec("acme-1")))
+    db = reg.store.db  # what the database holds: the hash, never the secret
+    assert secret not in str(db.run(lambda: db.query("SELECT * FROM api_keys")))
+
+    again = registry(tmp_path, adapters)  # a restarted registry replica reloads the keys
+    assert run(again.state()).keys == state.keys
+    revoked = run(again.revoke_key("acme-1"))
+    assert revoked.revoked_at is not None and run(again.state()).keys == {}
+    assert [k.name for k in run(registry(tmp_path, adapters).list_keys())] == ["acme-1"]
+    assert run(registry(tmp_path, adapters).state()).keys == {}
+    with pytest.raises(ConflictError):
+        run(again.create_key(KeySpec("acme-1")))
+    with pytest.raises(NotFoundError):
+        run(again.revoke_key("nobody"))
+
+
+@pytest.mark.parametrize(
+    "spec,param",
+    [
+        (KeySpec("bad name"), "name"),
+        (KeySpec("acme", tenant="a:b"), "tenant"),  # ':' separates a tenant from its adapters' names
+        (KeySpec("a:b"), "tenant"),
+        (KeySpec("acme", requests_per_minute=0), "requests_per_minute"),
+    ],
+)
+def test_bad_key_specs_name_the_field(tmp_path, adapters, spec, param):
+    with pytest.raises(InvalidRequestError) as error:
+        run(registry(tmp_path, adapters).create_key(spec))
+    assert error.value.param == param

@@ -1,0 +1,99 @@
+"""Who a request is from and what it may use (deployments/http/tenants.py), without Ray."""
+
+import pytest
+from starlette.requests import Request
+
+from deployments.http.request_metrics import MAX_TENANT_LABELS, Metrics
+from deployments.http.tenants import ADMIN, API_KEY, OPEN, Caller, Gate, RateLimits
+from lora_registry.key_store import KeyRecord, hash_key
+from serve_app.config import IngressConfig
+from serve_app.errors import AuthenticationError, PermissionDeniedError, RateLimitError
+
+BASES = {"tiny-chat", "tiny-base"}
+
+
+def key(name="acme", models=(), can_register=False, rpm=None, tpm=None, tenant=None) -> tuple[KeyRecord, str]:
+    secret = f"lf-secret-of-{name}"
+    record = KeyRecord(name, tenant or name, hash_key(secret), "lf-secr...", models, can_register, rpm, tpm, 0.0)
+    return record, secret
+
+
+def request(secret: str | None = None) -> Request:
+    headers = [(b"authorization", f"Bearer {secret}".encode())] if secret else []
+    return Request({"type": "http", "method": "GET", "path": "/", "headers": headers})
+
+
+def test_who_calls():
+    acme, secret = key()
+    keys = {acme.key_hash: acme}
+    gate = Gate(IngressConfig(api_key="k", admin_api_key="admin"))
+    assert gate.caller(request("admin"), keys) is ADMIN and gate.caller(request("k"), keys) is API_KEY
+    assert gate.caller(request(secret), keys) == Caller("tenant", acme)
+    assert gate.caller(request("lf-unknown"), keys) is None and gate.caller(request(), keys) is None
+    open_gate = Gate(IngressConfig())
+    assert open_gate.caller(request(), {}) is OPEN  # no key anywhere: open, as before tenant keys
+    assert open_gate.caller(request(), keys) is None  # once a tenant key exists, every request needs one
+    assert open_gate.caller(request(secret), keys).key == acme
+
+
+def test_admin_routes():
+    acme, secret = key(can_register=True)
+    plain, plain_secret = key("plain")
+    keys = {acme.key_hash: acme, plain.key_hash: plain}
+    gate = Gate(IngressConfig(api_key="k", admin_api_key="admin"))
+    assert gate.admin(request("admin"), keys) is ADMIN
+    assert gate.admin(request(secret), keys, tenants_may_register=True).key == acme
+    for given, status in [(secret, 403), (plain_secret, 403), ("k", 403), (None, 401), ("wrong", 401)]:
+        with pytest.raises((PermissionDeniedError, AuthenticationError)) as error:
+            gate.admin(request(given), keys, tenants_may_register=given == plain_secret)
+        assert error.value.status == status
+    assert Gate(IngressConfig()).admin(request(), {}) is OPEN
+    with pytest.raises(AuthenticationError, match="admin_api_key, which is not set"):
+        Gate(IngressConfig()).admin(request(), keys)  # keys on, no admin key configured: closed
+
+
+def test_what_a_tenant_sees():
+    acme = Caller("tenant", key(tenant="acme")[0])
+    assert acme.may_use("tiny-chat", BASES) and acme.may_use("acme:bot", BASES)
+    assert not acme.may_use("globex:bot", BASES) and not acme.may_use("xiao-huang", BASES)
+    assert acme.owns("acme:bot") and not acme.owns("acme-bot") and not acme.owns("globex:bot")
+    patterns = Caller("tenant", key(models=("tiny-chat", "shared-*"))[0])
+    assert patterns.may_use("shared-sql", BASES) and not patterns.may_use("tiny-base", BASES)
+    assert API_KEY.may_use("globex:bot", BASES) and ADMIN.owns("globex:bot")
+
+
+def test_requests_per_minute_then_retry_after():
+    acme, _ = key(rpm=2)
+    limits = RateLimits(share=1.0)
+    limits.admit(acme)
+    limits.admit(acme)
+    with pytest.raises(RateLimitError) as error:
+        limits.admit(acme)
+    assert error.value.status == 429 and error.value.type == "requests"
+    assert 1 <= int(error.value.headers["Retry-After"]) <= 30  # one request comes back in 30 s
+
+
+def test_tokens_are_charged_after_the_response_and_block_until_refilled():
+    acme, _ = key(tpm=600)
+    limits = RateLimits(share=1.0)
+    limits.admit(acme)
+    limits.charge(acme, 900)  # a long answer may overdraw; the next request waits for the refill
+    with pytest.raises(RateLimitError) as error:
+        limits.admit(acme)
+    assert error.value.type == "tokens" and 25 <= int(error.value.headers["Retry-After"]) <= 31
+
+
+def test_each_ingress_replica_enforces_its_share():
+    acme, _ = key(rpm=4)
+    limits = RateLimits(share=1 / 2)
+    limits.admit(acme)
+    limits.admit(acme)
+    with pytest.raises(RateLimitError):
+        limits.admit(acme)
+
+
+def test_tenant_labels_are_bounded():
+    metrics = Metrics()
+    labels = {metrics.tenant(f"t{i}") for i in range(MAX_TENANT_LABELS + 50)}
+    assert len(labels) == MAX_TENANT_LABELS + 1 and "(other)" in labels
+    assert metrics.tenant("t0") == "t0"
