@@ -13,7 +13,10 @@ def spawn(*args: str) -> pexpect.spawn:
 
 
 def test_chat_with_history_clear_and_quit():
-    term = spawn()
+    # The REPL is the subject: --enforce_eager true skips torch.compile (about 30 s of CPU here). The
+    # compiled engine that `infer` starts by default is get_vllm_engine's, which test_examples and
+    # test_oracle run with the defaults.
+    term = spawn("--enforce_eager", "true")
     term.expect_exact("<<< ")
     term.sendline("浙江的省会在哪？")
     term.expect("杭州")
