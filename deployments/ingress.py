@@ -447,7 +447,7 @@ class Ingress:
             self.adapter_state = await self.registry.state.remote()
             record = self.adapter_state.adapters.get(name)
         if record is not None and visible:
-            return self.models[record.base_model], AdapterRef(name, record.adapter_id, record.path)
+            return self.models[record.base_model], AdapterRef(name, record.adapter_id, record.path, record.checksum)
         raise NotFoundError(
             f"model '{name}' does not exist; GET /v1/models lists the served models and adapters.",
             param="model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -12,6 +13,7 @@ from deployments.engine_replica.adapter_router import STATS_PERIOD_S, AdapterPla
 from deployments.engine_replica.coalesce import coalesce
 from deployments.engine_replica.reaper import watch_engine_processes
 from deployments.engine_replica.residency import AdapterResidency
+from lora_registry.remote_sources import AdapterCache
 from serve_app.config import ModelConfig
 from serve_app.engines import lora_slots
 from serve_app.messages import Delta, FirstMessage, GenerationRequest, ServedBy
@@ -31,15 +33,16 @@ class LLMServer:
     the engine) would cap tokens per second under load. Nothing waits on a timer.
     """
 
-    async def __init__(self, model: ModelConfig, registry=None, engine_starter=None):
+    async def __init__(self, model: ModelConfig, registry=None, engine_starter=None, adapter_cache: str | None = None):
         # max_loras / max_cpu_loras "auto" become numbers here, where the accelerator is known
         self.model, self.slots = lora_slots.for_model(model, await _registered_adapters(registry, model))
         starter = engine_starter or start_engine
         self.engine = await starter(self.model)
         # engine processes and socket files must not outlive a killed replica
         self._reaper = watch_engine_processes([d] if (d := getattr(self.engine, "rpc_dir", None)) else [])
+        cache = AdapterCache(adapter_cache) if adapter_cache else None
         self.adapters = AdapterResidency(
-            self.engine, model.served_name, self.slots.host, registry, _replica_id(), self.slots.engine
+            self.engine, model.served_name, self.slots.host, registry, _replica_id(), self.slots.engine, cache
         )
         await self.adapters.start()  # adapters marked preload are loaded before the first request
         self.streams = 0  # requests streaming from this replica now
@@ -49,6 +52,8 @@ class LLMServer:
         """The first message is a FirstMessage, every later one a list of deltas."""
         started = time.perf_counter()
         async with self.adapters.use(request.adapter) as residency:
+            if request.adapter is not None:  # an adapter from an object store: its folder on this node
+                request = dataclasses.replace(request, adapter=self.adapters.localized(request.adapter))
             self.streams += 1
             try:
                 served = None

@@ -26,6 +26,7 @@ class AdapterRecord:
     created_at: float
     pinned: bool = False  # never evicted from an engine replica that holds it
     preload: bool = False  # loaded on every replica of its base at start and on registration
+    checksum: str | None = None  # of the files at a URL `path` (remote_sources.py); None: a local folder
 
     def to_dict(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}
@@ -91,6 +92,7 @@ class AdapterStore:
         target_modules: tuple[str, ...],
         pinned: bool = False,
         preload: bool = False,
+        checksum: str | None = None,
     ) -> AdapterRecord:
         """Insert or replace `name`, with a fresh adapter id, in one transaction."""
 
@@ -110,6 +112,7 @@ class AdapterStore:
                     time.time(),
                     pinned,
                     preload,
+                    checksum,
                 )
                 row = (
                     *astuple(record)[:5],
@@ -117,6 +120,7 @@ class AdapterStore:
                     *astuple(record)[6:8],
                     int(pinned),
                     int(preload),
+                    checksum,
                 )
                 updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMN_NAMES[1:])
                 self.db.query(
@@ -158,7 +162,8 @@ _COLUMNS = ", ".join(_COLUMN_NAMES)
 
 
 def _record(row) -> AdapterRecord:
-    name, adapter_id, path, base, rank, targets, version, created, pinned, preload = row
+    name, adapter_id, path, base, rank, targets, version, created, pinned, preload, checksum = row
+    targets = tuple(json.loads(targets))
     return AdapterRecord(
-        name, adapter_id, path, base, rank, tuple(json.loads(targets)), version, created, bool(pinned), bool(preload)
+        name, adapter_id, path, base, rank, targets, version, created, bool(pinned), bool(preload), checksum
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,6 +56,7 @@ MIGRATIONS: list[list[str]] = [
             revoked_at DOUBLE PRECISION
         )""",
     ],
+    ["ALTER TABLE adapters ADD COLUMN checksum TEXT"],  # adapters from object stores (remote_sources.py)
 ]
 CONNECT_ATTEMPTS = 6  # with backoff 0.25, 0.5, 1, 2, 4 s: about 8 s before giving up
 OPERATION_ATTEMPTS = 3
@@ -66,6 +68,7 @@ class Database:
     def __init__(self, url: str):
         self.url = url
         self.postgres = url.startswith(("postgresql://", "postgres://"))
+        self.lock = threading.RLock()  # one connection: the registry's loop and its registration thread take turns
         self.conn = self._connect()
         self.migrate()
 
@@ -107,6 +110,10 @@ class Database:
         """Run `operation` (its statements, in a transaction where it opens one); on PostgreSQL a
         dropped connection is re-made and the operation run again (every store operation is safe to
         repeat: a repeated registration gets one more id)."""
+        with self.lock:
+            return self._run(operation)
+
+    def _run(self, operation: Callable[[], object]):
         if not self.postgres:
             return operation()
         import psycopg

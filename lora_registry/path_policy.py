@@ -2,6 +2,7 @@
 
 Checked on the path's text and on its real location before any file in it is opened:
 no `..` components, and after resolving symlinks the folder must still lie inside a root.
+Object-store URLs (remote_sources.py) must lie under a URL root, segment by segment.
 """
 
 from __future__ import annotations
@@ -9,17 +10,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lora_registry.remote_sources import is_url, normalized_url, url_allowed
 from serve_app.errors import InvalidRequestError, PermissionDeniedError
 
 
 class PathPolicy:
     def __init__(self, roots: list[str]):
-        self.roots = [Path(os.path.realpath(r)) for r in roots]
+        self.roots = [Path(os.path.realpath(r)) for r in roots if not is_url(r)]
+        self.url_roots = [normalized_url(r) for r in roots if is_url(r)]
 
     def check(self, path: str) -> str:
-        """The real path of `path` if it may be read; PermissionDeniedError names the roots otherwise."""
+        """The real path of `path` (or the normalized URL) if it may be read; PermissionDeniedError
+        names the roots otherwise."""
         if not path or "\x00" in path:
             raise InvalidRequestError("lora_path must be a non-empty path.", param="lora_path")
+        if is_url(path):
+            url = normalized_url(path)
+            if not url_allowed(url, self.url_roots):
+                raise PermissionDeniedError(
+                    f"adapter URL '{url}' is outside the allowed URL roots {self.url_roots or '[] (none configured)'}; "
+                    "add its prefix to registry.allowed_roots (flag --adapter_roots).",
+                    param="lora_path",
+                    code="path_not_allowed",
+                )
+            return url
         if ".." in Path(path).parts:
             raise PermissionDeniedError(
                 f"adapter path '{path}' contains '..'; give a path inside {self._roots_text()}.", param="lora_path"

@@ -20,6 +20,7 @@ from lora_registry.adapter_store import AdapterPlacement, AdapterRecord, Adapter
 from lora_registry.database import Database
 from lora_registry.key_store import KeyRecord, KeySpec, KeyStore
 from lora_registry.path_policy import PathPolicy
+from lora_registry.remote_sources import AdapterCache, is_url
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 
 VLLM_LORA_MODULES = frozenset(
@@ -65,13 +66,15 @@ class LoraRegistry:
         self.store = AdapterStore(database=database)
         self.key_store = KeyStore(database)
         self.bases = {b.name: b for b in bases}
-        startup_roots = [str(Path(adapter.path).parent) for adapter in startup.values()]
+        self.cache = AdapterCache(state / "adapter-cache")
+        startup_roots = [a.path if is_url(a.path) else str(Path(a.path).parent) for a in startup.values()]
         self.policy = PathPolicy([*allowed_roots, str(state / "adapters"), *startup_roots])
         self.records: dict[str, AdapterRecord] = self.store.all()
         self.keys: dict[str, KeyRecord] = _in_force(self.key_store.all())  # by key hash
         self.generation = uuid.uuid4().hex[:8]  # a restart invalidates every listener's version
         self.counter = 0
         self._changed: asyncio.Event | None = None
+        self._registering = asyncio.Lock()
         self.residency: dict[str, tuple[ReplicaResidency, float]] = {}  # replica -> (its report, when)
         for name, adapter in startup.items():
             current = self.records.get(name)
@@ -139,7 +142,12 @@ class LoraRegistry:
         pinned: bool = False,
         preload: bool = False,
     ) -> AdapterRecord:
-        return self._register(name, path, base_model, replace, force, pinned, preload)
+        # Off the event loop: an adapter from an object store is downloaded and checked here, and
+        # the followers' long-polls must keep being answered meanwhile.
+        async with self._registering:  # one at a time: a name is checked, then written
+            record = await asyncio.to_thread(self._register, name, path, base_model, replace, force, pinned, preload)
+        self._notify()  # on the loop: asyncio.Event is not thread-safe
+        return record
 
     async def unregister(self, name: str) -> AdapterRecord:
         if name not in self.records:
@@ -188,7 +196,12 @@ class LoraRegistry:
     ) -> AdapterRecord:
         self._check_name(name, replace)
         real = self.policy.check(path)  # before anything under `path` is read
-        info = inspect_adapter(real)
+        checksum = None
+        if is_url(real):  # downloaded into this node's cache; engine replicas fetch and verify it
+            local, checksum = self.cache.fetch_new(real)
+            info = inspect_adapter(local)
+        else:
+            info = inspect_adapter(real)
         base = self._pick_base(base_model, info)
         if base.supported_modules is not None and (bad := set(info.target_modules) - base.supported_modules):
             raise ConfigError(
@@ -197,9 +210,8 @@ class LoraRegistry:
                 param="lora_path",
             )
         check_adapter_fits(info, base.config, base.max_lora_rank, force=force)
-        record = self.store.put(name, real, base.name, info.rank, info.target_modules, pinned, preload)  # committed
-        self.records[name] = record
-        self._notify()
+        record = self.store.put(name, real, base.name, info.rank, info.target_modules, pinned, preload, checksum)
+        self.records[name] = record  # committed above
         return record
 
     def _check_name(self, name: str, replace: bool) -> None:

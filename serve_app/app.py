@@ -30,7 +30,9 @@ def build_from_config(config: AppConfig) -> Application:
     config = config.model_copy(update={"models": [with_context_length(m) for m in config.models]})
     registry = build_registry(config)
     servers = {
-        m.served_name: serve.deployment(LLMServer).options(**LLMServer.get_deployment_options(m)).bind(m, registry)
+        m.served_name: serve.deployment(LLMServer)
+        .options(**LLMServer.get_deployment_options(m))
+        .bind(m, registry, adapter_cache=config.registry.adapter_cache)
         for m in config.models
     }
     renderer = serve.deployment(Renderer).options(**Renderer.get_deployment_options(config))

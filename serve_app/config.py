@@ -288,8 +288,14 @@ class RegistryConfig(Strict):
     )
     allowed_roots: list[str] = Field(
         default_factory=list,
-        description="folders adapters may be registered from; the startup adapters' folders and <state_dir>/adapters are always allowed",
+        description="folders adapters may be registered from, and object-store URL prefixes (s3://bucket/prefix); "
+        "the startup adapters' folders and <state_dir>/adapters are always allowed",
     )
+
+    @property
+    def adapter_cache(self) -> str:
+        """Where each node keeps the adapters it downloaded from object stores (by checksum)."""
+        return os.path.join(self.state_dir, "adapter-cache")
 
     @field_validator("database_url")
     @classmethod
@@ -301,7 +307,7 @@ class RegistryConfig(Strict):
     @model_validator(mode="after")
     def _absolute(self):
         self.state_dir = resolve_path(self.state_dir)
-        self.allowed_roots = [resolve_path(r) for r in self.allowed_roots]
+        self.allowed_roots = [r if "://" in r else resolve_path(r) for r in self.allowed_roots]  # URLs stay
         return self
 
 

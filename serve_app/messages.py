@@ -15,7 +15,8 @@ class AdapterRef:
 
     name: str
     adapter_id: int
-    path: str
+    path: str  # a local folder, or a URL that the engine replica downloads first (remote_sources.py)
+    checksum: str | None = None  # of a URL's files
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from tests.adapter_factory import make_adapter
 pytest_plugins = [
     "tests.serve_fixtures",
     "tests.postgres_server",
-]  # Serve apps of tests/serve and tests/browser; PostgreSQL
+    "tests.s3_server",
+]  # Serve apps of tests/serve and tests/browser; PostgreSQL; an S3-compatible server
 
 
 # Under `-n 2` (scripts/test.sh) the suite runs in two processes that share one Ray cluster and one

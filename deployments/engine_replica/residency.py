@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -37,6 +38,7 @@ from collections.abc import AsyncIterator
 
 from lora_registry.adapter_store import LOAD_BUCKETS_S, AdapterRecord, RegistryState, ReplicaResidency
 from lora_registry.follower import follow_registry
+from lora_registry.remote_sources import AdapterCache, AdapterSourceError, is_url
 from serve_app.messages import AdapterRef
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class AdapterResidency:
         registry=None,
         replica_id: str = "local",
         engine_slots: int | None = None,
+        cache: AdapterCache | None = None,
     ):
         from ray import serve
 
@@ -66,6 +69,8 @@ class AdapterResidency:
         self.loads, self.load_seconds = 0, 0.0  # loads into the engine, their total time
         self.load_buckets = [0] * len(LOAD_BUCKETS_S)  # loads of at most LOAD_BUCKETS_S[i] seconds
         self.refs: dict[int, AdapterRef] = {}
+        self.cache = cache  # where adapters from object stores are downloaded to on this node
+        self.local_paths: dict[int, str] = {}  # adapter id -> its cached folder, for URL adapters
         self.held: OrderedDict[int, None] = OrderedDict()  # in the engine, least recently used first
         self.in_use: Counter[int] = Counter()  # adapter id -> requests using it (or waiting for it)
         self.leaving: set[int] = set()  # unregistered while in use: dropped after its last request
@@ -120,12 +125,32 @@ class AdapterResidency:
         if adapter_id in self.leaving:
             self._spawn(self._drop(adapter_id))
 
+    def localized(self, adapter: AdapterRef | None) -> AdapterRef | None:
+        """`adapter` with the folder its files were downloaded to on this node (for URL adapters):
+        the engine may read the path again whenever it reloads the adapter."""
+        if adapter is None or adapter.adapter_id not in self.local_paths:
+            return adapter
+        return dataclasses.replace(adapter, path=self.local_paths[adapter.adapter_id])
+
+    async def _download(self, adapter_id: int) -> None:
+        """A URL adapter's files into this node's cache (before it takes a slot: a download may be slow)."""
+        ref = self.refs[adapter_id]
+        if adapter_id in self.local_paths or not is_url(ref.path):
+            return
+        if self.cache is None or ref.checksum is None:
+            raise AdapterSourceError(f"adapter '{ref.name}' comes from {ref.path}, and this replica has no cache.")
+        started = time.perf_counter()
+        folder = await asyncio.to_thread(self.cache.local, ref.path, ref.checksum)
+        self.local_paths[adapter_id] = str(folder)
+        logger.info("adapter '%s' from %s in %.2f s", ref.name, ref.path, time.perf_counter() - started)
+
     async def _load(self, adapter_id: int) -> None:
         try:
+            await self._download(adapter_id)
             await self.take_slot(adapter_id)
             started = time.perf_counter()
             try:
-                await self.engine.add_adapter(self.refs[adapter_id])
+                await self.engine.add_adapter(self.localized(self.refs[adapter_id]))
                 self._count_load(time.perf_counter() - started)
             except BaseException:
                 self.held.pop(adapter_id, None)  # (unless the registry dropped it meanwhile; the finally wakes waiters)
@@ -248,7 +273,7 @@ class AdapterResidency:
 
     async def _preload(self, record: AdapterRecord) -> None:
         try:
-            async with self.use(AdapterRef(record.name, record.adapter_id, record.path)):
+            async with self.use(AdapterRef(record.name, record.adapter_id, record.path, record.checksum)):
                 pass
         except Exception:  # its requests will load it (and get the error) instead
             logger.warning("preloading adapter '%s' failed", record.name, exc_info=True)

@@ -1,7 +1,8 @@
 """Multi-LoRA serving through the registry: 2 ingress replicas, 2 vLLM replicas with room for 2
-adapters each, adapters made with peft. The engine runs in float32 so random adapters (near-ties
-in bf16) still have an exact transformers + peft oracle."""
+adapters each, adapters made with peft (and one from an S3-compatible server). The engine runs in
+float32 so random adapters (near-ties in bf16) still have an exact transformers + peft oracle."""
 
+import os
 import random
 import time
 from concurrent import futures
@@ -22,6 +23,7 @@ from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from serve_app.template import get_template
 from tests.adapter_factory import make_adapter, make_foreign_adapter
 from tests.postgres_server import fresh_database
+from tests.s3_server import BUCKET, upload_folder
 from tests.serve_fixtures import BASE, FAST_START, STATE
 
 pytestmark = pytest.mark.slow
@@ -58,7 +60,11 @@ def lora_config(roots: str, database_url: str, replicas: int = 2, state: str = "
                     "num_cpus": 0,
                 }
             },
-            "registry": {"state_dir": f"{STATE}/{state}", "allowed_roots": [roots], "database_url": database_url},
+            "registry": {
+                "state_dir": f"{STATE}/{state}",
+                "allowed_roots": [roots, f"s3://{BUCKET}/served"],  # a folder, and an object-store prefix
+                "database_url": database_url,
+            },
         }
     )
 
@@ -253,8 +259,15 @@ def test_rank_and_base_model_checks(lora_app, adapters):
     assert response.status_code == 400 and "another base model" in response.json()["error"]["message"]
 
 
-def test_registry_restart_and_app_restart_keep_adapters(lora_app, adapters, oracle, database_url):
+def test_registry_restart_and_app_restart_keep_adapters(lora_app, adapters, oracle, database_url, s3_bucket):
+    """Also an adapter from S3: the app restarted with a fresh state dir (as on another node) downloads
+    it again, verified by the checksum recorded at registration."""
     load("keep", adapters[1]["ad-3"])
+    url = upload_folder(*s3_bucket, XIAO_HUANG_DIR, "served/xiao-huang")
+    registered = load("xh-s3", url)
+    assert registered.status_code == 200, registered.text
+    assert registered.json()["path"] == url and len(registered.json()["checksum"]) == 64
+    assert ask("xh-s3") == oracle[str(XIAO_HUANG_DIR)]
     before = {r["name"]: r["adapter_id"] for r in httpx.get(f"{URL}/v1/adapters").json()["data"]}
     [replica] = [
         a
@@ -282,3 +295,9 @@ def test_registry_restart_and_app_restart_keep_adapters(lora_app, adapters, orac
     again = {r["name"]: r["adapter_id"] for r in httpx.get(f"{URL}/v1/adapters").json()["data"]}
     assert again == before
     assert ask("keep") == oracle[str(adapters[1]["ad-3"])]
+    assert ask("xh-s3") == oracle[str(XIAO_HUANG_DIR)]
+    cached = Path(STATE) / "lora-elsewhere" / "adapter-cache" / registered.json()["checksum"]
+    assert cached.is_dir()  # the new replica's own download
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    assert not [p for p in logs.rglob("*") if p.is_file() and secret in p.read_bytes()]
