@@ -391,21 +391,24 @@ class Ingress:
         try:
             self.limits.admit(caller.key)
         except RateLimitError as e:
-            self.metrics.rate_limited.labels(self.metrics.tenant(caller.tenant), e.type).inc()
+            self.metrics.rate_limited.labels(*self._key_labels(caller), e.type).inc()
             raise
+
+    def _key_labels(self, caller: Caller) -> tuple[str, str]:
+        return self.metrics.key_labels(caller.key.tenant, caller.key.name)
 
     def _count_tenant(self, request: Request, status: int) -> None:
         caller = getattr(request.state, "caller", None)
         if caller is not None and caller.key is not None:
-            self.metrics.tenant_requests.labels(self.metrics.tenant(caller.tenant), str(status)).inc()
+            self.metrics.key_requests.labels(*self._key_labels(caller), str(status)).inc()
 
     def _charge(self, caller: Caller, builder: ResponseBuilder) -> None:
         """The tokens a tenant's request used, also when it failed or its client left mid-stream."""
         if caller.key is None:
             return
-        usage, tenant = builder.usage, self.metrics.tenant(caller.tenant)
-        self.metrics.tenant_tokens.labels(tenant, "prompt").inc(usage["prompt_tokens"])
-        self.metrics.tenant_tokens.labels(tenant, "completion").inc(usage["completion_tokens"])
+        usage, labels = builder.usage, self._key_labels(caller)
+        self.metrics.key_tokens.labels(*labels, "prompt").inc(usage["prompt_tokens"])
+        self.metrics.key_tokens.labels(*labels, "completion").inc(usage["completion_tokens"])
         self.limits.charge(caller.key, usage["total_tokens"])
 
     async def _refresh_adapters(self) -> None:

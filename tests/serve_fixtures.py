@@ -78,6 +78,10 @@ def guarded_config() -> AppConfig:
 # metrics feed the dashboard and `ray list`; the Serve controller reconciles every 0.5 s instead of
 # 0.1 s (state changes show up to 0.4 s later). lorafleet's /metrics is its own (prometheus_client).
 QUIET_RAY = {
+    # Ray runs its workers (every Serve replica) at niceness 15, so while the other test process
+    # runs an offline engine or a CLI at 0, the apps' replicas barely start (an engine replica took
+    # 176 s instead of 40 s). Equal shares: the two processes finish closer together.
+    "RAY_worker_niceness": "0",
     "RAY_task_events_report_interval_ms": "0",
     "RAY_enable_metrics_collection": "0",
     "RAY_metrics_report_interval_ms": "60000",

@@ -14,9 +14,9 @@ from lora_registry.adapter_store import LOAD_BUCKETS_S, ReplicaResidency
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
-# Tenants named on /metrics by one ingress replica; later ones are counted as "(other)" (no tenant
-# name has parentheses), so a deployment with thousands of keys does not make thousands of series.
-MAX_TENANT_LABELS = 100
+# Tenant keys named on /metrics by one ingress replica; later ones are counted as "(other)" (no key
+# or tenant name has parentheses), so a deployment with thousands of keys does not make thousands of series.
+MAX_KEY_LABELS = 100
 
 
 class Metrics:
@@ -70,25 +70,25 @@ class Metrics:
             _STEP_BUCKETS,
         )
         self.latency = self._seconds("lorafleet_request_latency_seconds", "Whole request latency", _LATENCY_BUCKETS)
-        self.tenant_requests = Counter(
-            "lorafleet_tenant_requests",
-            "Requests of tenant keys by tenant and HTTP status",
-            ["tenant", "status"],
+        self.key_requests = Counter(
+            "lorafleet_key_requests",
+            "Requests of tenant keys by tenant, key and HTTP status",
+            ["tenant", "key", "status"],
             registry=self.registry,
         )
-        self.tenant_tokens = Counter(
-            "lorafleet_tenant_tokens",
-            "Tokens of tenant keys by tenant and kind (prompt, completion)",
-            ["tenant", "kind"],
+        self.key_tokens = Counter(
+            "lorafleet_key_tokens",
+            "Tokens of tenant keys by tenant, key and kind (prompt, completion)",
+            ["tenant", "key", "kind"],
             registry=self.registry,
         )
         self.rate_limited = Counter(
-            "lorafleet_tenant_rate_limited",
-            "Requests refused with 429 by tenant and limit (requests, tokens)",
-            ["tenant", "limit"],
+            "lorafleet_key_rate_limited",
+            "Requests refused with 429 by tenant, key and limit (requests, tokens)",
+            ["tenant", "key", "limit"],
             registry=self.registry,
         )
-        self._tenants: set[str] = set()
+        self._keys: set[str] = set()
         self.loop_lag = Histogram(
             "lorafleet_ingress_loop_lag_seconds",
             "How late the ingress's event loop wakes a timer: every await on this replica waits this long too",
@@ -105,11 +105,11 @@ class Metrics:
         if error_type:
             self.errors.labels(model, error_type).inc()
 
-    def tenant(self, name: str) -> str:
-        """`name` as a label value: itself for the first MAX_TENANT_LABELS tenants seen, else "(other)"."""
-        if name not in self._tenants and len(self._tenants) < MAX_TENANT_LABELS:
-            self._tenants.add(name)
-        return name if name in self._tenants else "(other)"
+    def key_labels(self, tenant: str, key: str) -> tuple[str, str]:
+        """(tenant, key) as label values for the first MAX_KEY_LABELS keys seen, else "(other)" twice."""
+        if key not in self._keys and len(self._keys) < MAX_KEY_LABELS:
+            self._keys.add(key)
+        return (tenant, key) if key in self._keys else ("(other)", "(other)")
 
     def render(self, replicas: list[ReplicaResidency] = ()) -> bytes:
         return generate_latest(self.registry) + generate_latest(_AdapterReports(replicas))

@@ -169,9 +169,9 @@ def test_tenant_keys_see_and_use_only_their_own_and_are_limited(guarded_app):
     assert as_acme.get("/v1/adapters").status_code == 403
     assert httpx.get(f"{guarded_app}/metrics").status_code == 401
     metrics = admin.get("/metrics").text
-    assert 'lorafleet_tenant_requests_total{status="200",tenant="acme"}' in metrics
-    assert 'lorafleet_tenant_rate_limited_total{limit="requests",tenant="globex"} 1.0' in metrics
-    assert 'lorafleet_tenant_tokens_total{kind="completion",tenant="acme"}' in metrics
+    assert 'lorafleet_key_requests_total{key="acme-1",status="200",tenant="acme"}' in metrics
+    assert 'lorafleet_key_rate_limited_total{key="globex",limit="requests",tenant="globex"} 1.0' in metrics
+    assert 'lorafleet_key_tokens_total{key="acme-1",kind="completion",tenant="acme"}' in metrics
 
     listed = {k["name"]: k for k in admin.get("/v1/keys").json()["data"]}
     assert listed["acme-1"]["key_hint"] == acme[:8] + "..." and "key" not in listed["acme-1"]

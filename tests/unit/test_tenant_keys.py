@@ -3,7 +3,7 @@
 import pytest
 from starlette.requests import Request
 
-from deployments.http.request_metrics import MAX_TENANT_LABELS, Metrics
+from deployments.http.request_metrics import MAX_KEY_LABELS, Metrics
 from deployments.http.tenants import ADMIN, API_KEY, OPEN, Caller, Gate, RateLimits
 from lora_registry.key_store import KeyRecord, hash_key
 from serve_app.config import IngressConfig
@@ -92,8 +92,8 @@ def test_each_ingress_replica_enforces_its_share():
         limits.admit(acme)
 
 
-def test_tenant_labels_are_bounded():
+def test_key_labels_are_bounded():
     metrics = Metrics()
-    labels = {metrics.tenant(f"t{i}") for i in range(MAX_TENANT_LABELS + 50)}
-    assert len(labels) == MAX_TENANT_LABELS + 1 and "(other)" in labels
-    assert metrics.tenant("t0") == "t0"
+    labels = {metrics.key_labels("acme", f"k{i}") for i in range(MAX_KEY_LABELS + 50)}
+    assert len(labels) == MAX_KEY_LABELS + 1 and ("(other)", "(other)") in labels
+    assert metrics.key_labels("acme", "k0") == ("acme", "k0")
