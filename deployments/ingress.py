@@ -85,7 +85,7 @@ class Ingress:
 
     @classmethod
     def get_deployment_options(cls, config: AppConfig) -> dict:
-        return config.ingress.deployment.serve_options("Ingress")
+        return config.ingress.deployment.serve_options("Ingress", streams=True)
 
     async def _watch_loop_lag(self, period_s: float = 0.05) -> None:
         while True:

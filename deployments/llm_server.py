@@ -103,6 +103,7 @@ class LLMServer:
             max_queued_requests=opts.max_queued_requests,
             ray_actor_options={**opts.ray_actor_options},
             health_check_period_s=10,
+            graceful_shutdown_timeout_s=opts.drain_s(streams=True),
             health_check_timeout_s=60,
             request_router_config=RequestRouterConfig(
                 request_router_class=AdapterPlacementRouter,

@@ -57,6 +57,11 @@ class AutoscalingOptions(Strict):
         return self
 
 
+# A replica that stops while streaming (a redeploy, a downscale) lets its streams finish for this long:
+# a long generation on a busy GPU takes minutes (Serve's own default, 20 s, would cut it).
+STREAM_DRAIN_S = 600.0
+
+
 class DeploymentOptions(Strict):
     """Serve options of one deployment. Give `num_replicas` for a fixed size or `autoscaling`."""
 
@@ -70,6 +75,13 @@ class DeploymentOptions(Strict):
         1.0, ge=0, description="CPUs reserved per replica (for LLMServer: per tensor-parallel worker)"
     )
     ray_actor_options: dict[str, Any] = Field(default_factory=dict, description="extra Ray actor options")
+    graceful_shutdown_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="how long a stopping replica (a redeploy, a downscale, the app deleted) waits for its requests "
+        f"to finish before they are cut (default: {STREAM_DRAIN_S:.0f} s for the ingress and engine replicas, "
+        "which carry streams; Serve's 20 s for the renderer)",
+    )
 
     @model_validator(mode="after")
     def _one_scaling_mode(self):
@@ -77,18 +89,27 @@ class DeploymentOptions(Strict):
             raise ValueError("give either num_replicas or autoscaling, not both")
         return self
 
+    def drain_s(self, streams: bool) -> float | None:
+        """graceful_shutdown_timeout_s, or its default: STREAM_DRAIN_S where requests are streams."""
+        if self.graceful_shutdown_timeout_s is not None:
+            return self.graceful_shutdown_timeout_s
+        return STREAM_DRAIN_S if streams else None
+
     @property
     def most_replicas(self) -> int:
         return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas or 1
 
-    def serve_options(self, name: str) -> dict:
-        """Ray Serve options of a CPU-only deployment (Ingress, Renderer) with these settings."""
+    def serve_options(self, name: str, streams: bool = False) -> dict:
+        """Ray Serve options of a CPU-only deployment (Ingress, Renderer) with these settings;
+        `streams`: its requests may be long streams, which a stopping replica lets finish."""
         options = dict(
             name=name,
             max_ongoing_requests=self.max_ongoing_requests,
             max_queued_requests=self.max_queued_requests,
             ray_actor_options={"num_cpus": self.num_cpus, **self.ray_actor_options},
         )
+        if (drain := self.drain_s(streams)) is not None:
+            options["graceful_shutdown_timeout_s"] = drain
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.model_dump()
         else:

@@ -20,13 +20,13 @@ pytest_plugins = [
 #   ends HAProxy processes that a `lorafleet deploy` would judge as stale copies of its own);
 # - "engines": offline engines, the CLI and unit tests, which never touch Ray;
 # - "main": everything on the session's main app, whose tests count its requests and wait for its
-#   engine to go idle, so no other process may send it work meanwhile; and two tests with apps of
-#   their own that balance the two processes (measured: apps ~700 s, engines + main ~660 s).
+#   engine to go idle, so no other process may send it work meanwhile; and test_adapter_admission
+#   and test_zero_downtime, whose apps are their own but which balance the two processes (measured:
+#   apps ~700 s, engines + main ~730 s).
 # The first two start together; "main" follows "engines" in that process. Most Ray tests wait on
 # replicas starting and on timers; the other process uses the core meanwhile.
 # The first prefix that a test's node id starts with gives its group.
 GROUPS = (
-    ("tests/serve/test_scaling_and_tp.py::test_tensor_parallel_2_through_the_graph", "main"),
     ("tests/serve/test_adapter_admission.py", "main"),
     ("tests/cli/test_restart_after_kill.py", "apps"),
     ("tests/serve/test_failures.py", "apps"),

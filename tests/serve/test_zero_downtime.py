@@ -1,0 +1,138 @@
+"""Changing a running app under steady streaming load: no failed request, no stream cut short.
+
+A changed config deployed to a running app (`serve deploy` of a new serve_config.yaml, or
+`serve.run` again) replaces every deployment's replicas: Serve gives a changed `args` a new code
+version. Serve rolls them one at a time; a stopping replica finishes the requests it has (HAProxy
+sends new ones to the remaining or the new replica, or through Serve's proxy, which waits for one).
+"""
+
+import threading
+import time
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from ray import serve
+
+from serve_app.app import build_app
+from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
+from tests.serve_fixtures import BASE, STATE
+
+pytestmark = pytest.mark.slow
+URL = f"{BASE}/steady"
+ENGINE = "LLMServer:tiny-steady"
+# Quick to scale either way, so that a test of a few seconds sees it do both.
+FAST_AUTOSCALING = dict(
+    target_ongoing_requests=1, upscale_delay_s=1, downscale_delay_s=2, metrics_interval_s=0.5, look_back_period_s=1
+)
+
+
+def app_args(adapters: dict, max_replicas: int, second_model: bool = False) -> dict:
+    """`serve_config.yaml`'s `args` for this app (pt engines: the subject is Serve's rollout)."""
+    autoscaling = {"min_replicas": 1, "max_replicas": max_replicas, **FAST_AUTOSCALING}
+    models = [
+        {
+            "name": "tiny-steady",
+            "model_type": "tiny-chat",
+            "infer_backend": "pt",
+            "lora_modules": adapters,
+            "deployment": {"autoscaling": autoscaling, "max_ongoing_requests": 4},
+        }
+    ]
+    if second_model:
+        models.append({"name": "tiny-second", "model_id_or_path": str(TINY_CHAT_DIR), "infer_backend": "pt"})
+    return {"models": models, "registry": {"state_dir": f"{STATE}/steady"}}
+
+
+def run(args: dict) -> None:
+    serve.run(build_app(args), name="steady", route_prefix="/steady")
+
+
+def engine_replicas() -> set[str]:
+    """The names of the engine deployment's replica actors now (SERVE_REPLICA::<app>#<deployment>#<id>)."""
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"::steady#{ENGINE}#" in a["name"]}
+
+
+def running_engines() -> int:
+    return serve.status().applications["steady"].deployments[ENGINE].replica_states.get("RUNNING", 0)
+
+
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+class SteadyLoad:
+    """Threads streaming chat completions back to back; every outcome is kept."""
+
+    BODY = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 64, "ignore_eos": True, "stream": True}
+
+    def __init__(self, clients: int, model: str = "tiny-steady"):
+        self.outcomes: list[str] = []  # "ok", or what went wrong
+        self.stops = [threading.Event() for _ in range(clients)]
+        self.threads = [threading.Thread(target=self._run, args=(stop, model)) for stop in self.stops]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, stop: threading.Event, model: str) -> None:
+        with httpx.Client(timeout=300) as http:
+            while not stop.is_set():
+                self.outcomes.append(self._one(http, {**self.BODY, "model": model}))
+
+    @staticmethod
+    def _one(http: httpx.Client, body: dict) -> str:
+        try:
+            with http.stream("POST", f"{URL}/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    return f"HTTP {response.status_code}: {response.read()[:200]!r}"
+                events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        except httpx.HTTPError as e:
+            return f"{type(e).__name__}: {e}"
+        if events[-1:] != ["data: [DONE]"] or any('"error"' in e for e in events):
+            return f"cut short: {events[-2:]}"
+        return "ok" if any('"finish_reason":"length"' in e for e in events) else f"no finish_reason: {events[-2:]}"
+
+    def keep(self, clients: int) -> None:
+        for stop in self.stops[clients:]:
+            stop.set()
+
+    def finish(self) -> list[str]:
+        self.keep(0)
+        for t in self.threads:
+            t.join(timeout=300)
+        return self.outcomes
+
+
+def test_config_changes_and_a_downscale_under_load_lose_nothing(serve_instance):
+    run(app_args({"xh": str(XIAO_HUANG_DIR)}, max_replicas=1))
+    first_engine = engine_replicas()
+    load = SteadyLoad(clients=3)
+    try:
+        wait_for(lambda: len(load.outcomes) >= 3, timeout=60)
+        # One changed config: a new adapter entry, new autoscaling bounds, a new model. Every
+        # deployment gets new replicas while the streams go on.
+        before_change = len(load.outcomes)
+        run(app_args({"xh": str(XIAO_HUANG_DIR), "xh-2": str(XIAO_HUANG_DIR)}, max_replicas=2, second_model=True))
+        assert not engine_replicas() & first_engine  # the engine replica was replaced under load
+        models = {m["id"] for m in httpx.get(f"{URL}/v1/models", timeout=30).json()["data"]}
+        assert {"xh", "xh-2", "tiny-second"} <= models
+        # 3 clients over a target of 1 per replica: the new bounds let it grow to 2...
+        wait_for(lambda: running_engines() == 2, timeout=90)
+        during_change = len(load.outcomes) - before_change
+        # ...and with one client left it shrinks back while that client streams on
+        load.keep(1)
+        wait_for(lambda: running_engines() == 1, timeout=90)
+        # A config error is refused, naming the field, and the running app keeps serving.
+        with pytest.raises(ValidationError, match="max_replicas"):
+            run(app_args({}, max_replicas=0))
+        served = len(load.outcomes)
+        wait_for(lambda: len(load.outcomes) > served, timeout=60)
+    finally:
+        outcomes = load.finish()
+    failed = [o for o in outcomes if o != "ok"]
+    assert not failed, failed[:5]
+    assert during_change > 0, "no stream ran across the change"
