@@ -109,8 +109,8 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics_route(self, request: Request):
-        if self.adapter_state.keys:  # tenant keys are on: usage per tenant is the admin's to read
-            self.gate.admin(request, await self._keys(request))
+        if self.adapter_state.keys_on:  # tenant keys are on: usage per key is the admin's to read
+            await self._admin(request)
         replicas = []
         with contextlib.suppress(Exception):  # the registry restarting: the ingress's own metrics still answer
             replicas = await asyncio.wait_for(self.registry.replicas.remote(), timeout=2)
@@ -249,9 +249,10 @@ class Ingress:
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request):
         body = await self.read_admin_body(request, LoadLoraRequest, tenants_may_register=True)
-        self._check_registrant(request.state.caller, body.lora_name, body.base_model)
+        caller = request.state.caller
+        base = self._check_registrant(caller, body.lora_name, body.base_model, body.force, body.pinned, body.preload)
         record = await self.registry.register.remote(
-            body.lora_name, body.lora_path, body.base_model, body.replace, body.force, body.pinned, body.preload
+            body.lora_name, body.lora_path, base, body.replace, body.force, body.pinned, body.preload, caller.tenant
         )
         await self._refresh_adapters()
         return {
@@ -274,7 +275,7 @@ class Ingress:
 
     @app.get("/v1/adapters")
     async def list_adapters(self, request: Request):
-        self.gate.admin(request, await self._keys(request))
+        await self._admin(request)
         placements, replicas = await asyncio.gather(self.registry.describe.remote(), self.registry.replicas.remote())
         return {
             "object": "list",
@@ -285,9 +286,10 @@ class Ingress:
     @app.post("/v1/adapters", status_code=201)
     async def create_adapter(self, request: Request):
         body = await self.read_admin_body(request, AdapterCreate, tenants_may_register=True)
-        self._check_registrant(request.state.caller, body.name, body.base_model)
+        caller = request.state.caller
+        base = self._check_registrant(caller, body.name, body.base_model, body.force, body.pinned, body.preload)
         record = await self.registry.register.remote(
-            body.name, body.path, body.base_model, body.replace, body.force, body.pinned, body.preload
+            body.name, body.path, base, body.replace, body.force, body.pinned, body.preload, caller.tenant
         )
         await self._refresh_adapters()
         return JSONResponse({"object": "lora_adapter", **record.to_dict()}, status_code=201)
@@ -295,15 +297,14 @@ class Ingress:
     @app.patch("/v1/adapters/{name:path}")
     async def update_adapter(self, name: str, request: Request):
         """Pin or unpin, preload or not, an adapter already registered (its id stays)."""
-        body = await self.read_admin_body(request, AdapterUpdate, tenants_may_register=True)
-        self._check_owner(request.state.caller, name, "name")
+        body = await self.read_admin_body(request, AdapterUpdate)  # residency flags are the admin's
         record = await self.registry.set_flags.remote(name, body.pinned, body.preload)
         await self._refresh_adapters()
         return {"object": "lora_adapter", **record.to_dict()}
 
     @app.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request):
-        caller = self.gate.admin(request, await self._keys(request), tenants_may_register=True)
+        caller = await self._admin(request, tenants_may_register=True)
         self._check_owner(caller, name, "name")
         record = await self.registry.unregister.remote(name)
         await self._refresh_adapters()
@@ -333,32 +334,42 @@ class Ingress:
 
     @app.get("/v1/keys")
     async def list_keys(self, request: Request):
-        self.gate.admin(request, await self._keys(request))
+        await self._admin(request)
         return {"object": "list", "data": [k.to_dict() for k in await self.registry.list_keys.remote()]}
 
     @app.delete("/v1/keys/{name:path}")
     async def revoke_key(self, name: str, request: Request):
-        self.gate.admin(request, await self._keys(request))
+        await self._admin(request)
         record = await self.registry.revoke_key.remote(name)
         await self._refresh_adapters()
         return {**record.to_dict(), "revoked": True}
 
     async def read_admin_body(self, request: Request, schema, tenants_may_register: bool = False):
-        request.state.caller = self.gate.admin(request, await self._keys(request), tenants_may_register)
+        request.state.caller = await self._admin(request, tenants_may_register)
         return await self.read_body(request, schema, check_key=False)
 
-    def _check_registrant(self, caller: Caller, name: str, base_model: str | None) -> None:
-        """A tenant key registers adapters under its tenant's prefix, on base models it may use."""
+    def _check_registrant(
+        self, caller: Caller, name: str, base_model: str | None, force: bool, pinned: bool, preload: bool
+    ) -> str | None:
+        """The base model to register on. A tenant key registers adapters under its tenant's prefix
+        (from its tenant's folder: the registry checks that), on base models it may use, without
+        the flags that take slots on every replica or skip the checks."""
         if caller.key is None:
-            return
+            return base_model
         if not caller.owns(name):
             raise PermissionDeniedError(
                 f"this key registers adapters named '{caller.key.adapter_prefix}...' only.",
                 param="lora_name",
                 code="adapter_prefix_required",
             )
-        if base_model is not None and not caller.may_use(base_model, self.models):
+        if flags := [flag for flag, on in (("force", force), ("pinned", pinned), ("preload", preload)) if on]:
+            raise PermissionDeniedError(f"{', '.join(flags)}: only the admin key may set these.", param=flags[0])
+        usable = [m for m in self.models if caller.may_use(m, self.models)]
+        if base_model is not None and base_model not in usable:
             raise NotFoundError(f"base model '{base_model}' is not served.", param="base_model")
+        if base_model is None and len(usable) != 1:
+            raise InvalidRequestError(f"say which base_model (one of {usable}).", param="base_model")
+        return base_model or usable[0]
 
     @staticmethod
     def _check_owner(caller: Caller, name: str, param: str) -> None:
@@ -376,9 +387,14 @@ class Ingress:
                 await self._refresh_adapters()
         return self.adapter_state.keys
 
+    async def _admin(self, request: Request, tenants_may_register: bool = False) -> Caller:
+        """The caller of an admin route (tenant keys that may register: for their own adapters)."""
+        keys = await self._keys(request)
+        return self.gate.admin(request, keys, tenants_may_register, self.adapter_state.keys_on)
+
     async def authenticate(self, request: Request) -> Caller:
         """The caller of a /v1 route (401 if none), kept on `request.state.caller`."""
-        caller = self.gate.caller(request, await self._keys(request))
+        caller = self.gate.caller(request, await self._keys(request), self.adapter_state.keys_on)
         if caller is None:
             raise self.gate.refused()
         request.state.caller = caller
@@ -449,7 +465,7 @@ class Ingress:
         if record is None and visible:  # maybe registered a moment ago through another ingress replica
             self.adapter_state = await self.registry.state.remote()
             record = self.adapter_state.adapters.get(name)
-        if record is not None and visible:
+        if record is not None and visible and caller.may_use(record.base_model, self.models):
             return self.models[record.base_model], AdapterRef(name, record.adapter_id, record.path, record.checksum)
         raise NotFoundError(
             f"model '{name}' does not exist; GET /v1/models lists the served models and adapters.",

@@ -40,6 +40,8 @@ class RegistryState:
     version: str
     adapters: Mapping[str, AdapterRecord]
     keys: Mapping[str, KeyRecord] = field(default_factory=dict)  # tenant keys in force, by key hash
+    # once a tenant key was ever created every /v1 request needs a key, also after the last is revoked
+    keys_on: bool = False
 
 
 LOAD_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

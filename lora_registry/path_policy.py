@@ -19,11 +19,15 @@ class PathPolicy:
         self.roots = [Path(os.path.realpath(r)) for r in roots if not is_url(r)]
         self.url_roots = [normalized_url(r) for r in roots if is_url(r)]
 
-    def check(self, path: str) -> str:
+    def check(self, path: str, tenant: str | None = None) -> str:
         """The real path of `path` (or the normalized URL) if it may be read; PermissionDeniedError
-        names the roots otherwise."""
+        names the roots otherwise. For a tenant the roots are each root's `<tenant>` folder."""
         if not path or "\x00" in path:
             raise InvalidRequestError("lora_path must be a non-empty path.", param="lora_path")
+        if tenant is not None:
+            return PathPolicy(
+                [str(Path(r) / tenant) for r in self.roots] + [f"{u}/{tenant}" for u in self.url_roots]
+            ).check(path)
         if is_url(path):
             url = normalized_url(path)
             if not url_allowed(url, self.url_roots):

@@ -70,11 +70,13 @@ class LoraRegistry:
         startup_roots = [a.path if is_url(a.path) else str(Path(a.path).parent) for a in startup.values()]
         self.policy = PathPolicy([*allowed_roots, str(state / "adapters"), *startup_roots])
         self.records: dict[str, AdapterRecord] = self.store.all()
-        self.keys: dict[str, KeyRecord] = _in_force(self.key_store.all())  # by key hash
+        all_keys = self.key_store.all()
+        self.keys: dict[str, KeyRecord] = _in_force(all_keys)  # by key hash
+        self.keys_on = bool(all_keys)
         self.generation = uuid.uuid4().hex[:8]  # a restart invalidates every listener's version
         self.counter = 0
         self._changed: asyncio.Event | None = None
-        self._registering = asyncio.Lock()
+        self._changing = asyncio.Lock()
         self.residency: dict[str, tuple[ReplicaResidency, float]] = {}  # replica -> (its report, when)
         for name, adapter in startup.items():
             current = self.records.get(name)
@@ -102,7 +104,7 @@ class LoraRegistry:
     # --- queries ------------------------------------------------------------------------------
 
     async def state(self) -> RegistryState:
-        return RegistryState(f"{self.generation}:{self.counter}", dict(self.records), dict(self.keys))
+        return RegistryState(f"{self.generation}:{self.counter}", dict(self.records), dict(self.keys), self.keys_on)
 
     async def listen(self, known_version: str, timeout_s: float = 30.0) -> RegistryState:
         """Long-poll: returns as soon as the state differs from `known_version`, or at the timeout."""
@@ -141,15 +143,27 @@ class LoraRegistry:
         force: bool = False,
         pinned: bool = False,
         preload: bool = False,
+        tenant: str | None = None,
     ) -> AdapterRecord:
+        """`tenant`: registered with a tenant key, so only from `<root>/<tenant>/` of an allowed root."""
         # Off the event loop: an adapter from an object store is downloaded and checked here, and
-        # the followers' long-polls must keep being answered meanwhile.
-        async with self._registering:  # one at a time: a name is checked, then written
-            record = await asyncio.to_thread(self._register, name, path, base_model, replace, force, pinned, preload)
-        self._notify()  # on the loop: asyncio.Event is not thread-safe
-        return record
+        # the followers' long-polls must keep being answered meanwhile. One change at a time (a name
+        # is checked, then written); a caller that gives up does not end the work or free the lock.
+        async with self._changing:
+            work = asyncio.ensure_future(
+                asyncio.to_thread(self._register, name, path, base_model, replace, force, pinned, preload, tenant)
+            )
+            try:
+                return await asyncio.shield(work)
+            finally:
+                await asyncio.wait([work])
+                self._notify()  # on the loop: asyncio.Event is not thread-safe
 
     async def unregister(self, name: str) -> AdapterRecord:
+        async with self._changing:
+            return self._unregister(name)
+
+    def _unregister(self, name: str) -> AdapterRecord:
         if name not in self.records:
             raise NotFoundError(f"adapter '{name}' is not registered; GET /v1/adapters lists them.", param="lora_name")
         self.store.delete(name)
@@ -159,6 +173,10 @@ class LoraRegistry:
 
     async def set_flags(self, name: str, pinned: bool | None, preload: bool | None) -> AdapterRecord:
         """Change an adapter's residency flags; its id and weights stay (followers pick it up)."""
+        async with self._changing:
+            return self._set_flags(name, pinned, preload)
+
+    def _set_flags(self, name: str, pinned: bool | None, preload: bool | None) -> AdapterRecord:
         if name not in self.records:
             raise NotFoundError(f"adapter '{name}' is not registered; GET /v1/adapters lists them.", param="name")
         current = self.records[name]
@@ -172,6 +190,7 @@ class LoraRegistry:
         """A tenant key and its secret (the only time the secret exists outside the client)."""
         record, secret = self.key_store.create(spec)  # committed here
         self.keys[record.key_hash] = record
+        self.keys_on = True
         self._notify()
         return record, secret
 
@@ -193,9 +212,10 @@ class LoraRegistry:
         force: bool,
         pinned: bool = False,
         preload: bool = False,
+        tenant: str | None = None,
     ) -> AdapterRecord:
         self._check_name(name, replace)
-        real = self.policy.check(path)  # before anything under `path` is read
+        real = self.policy.check(path, tenant)  # before anything under `path` is read
         checksum = None
         if is_url(real):  # downloaded into this node's cache; engine replicas fetch and verify it
             local, checksum = self.cache.fetch_new(real)

@@ -56,10 +56,10 @@ def url_allowed(url: str, roots: list[str]) -> bool:
 
 
 def checksum(folder: Path) -> str:
-    """sha256 over the adapter files' names and bytes, in name order."""
+    """sha256 over the adapter files' names, lengths and bytes, in name order."""
     digest = hashlib.sha256()
     for name in sorted(f for f in ADAPTER_FILES if (folder / f).is_file()):
-        digest.update(name.encode() + b"\0")
+        digest.update(f"{name}\0{(folder / name).stat().st_size}\0".encode())
         with open(folder / name, "rb") as f:
             for block in iter(lambda f=f: f.read(1 << 20), b""):
                 digest.update(block)
@@ -115,6 +115,7 @@ class AdapterCache:
 
 def _copy_adapter_files(url: str, into: Path) -> None:
     fs, root = _filesystem(url)
+    fs.invalidate_cache(root)  # fsspec keeps listings for the process's life; the store may have changed
     try:
         listing = {PurePosixPath(p["name"]).name: p for p in fs.ls(root, detail=True) if p.get("type") == "file"}
     except FileNotFoundError:

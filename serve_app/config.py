@@ -15,7 +15,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def resolve_path(path: str) -> str:
     """Absolute path for replicas: relative paths are taken from the working directory, else from
-    the project root (`serve deploy` builds the app in a cluster process elsewhere)."""
+    the project root (`serve deploy` builds the app in a cluster process elsewhere). URLs
+    (s3://..., adapters in object stores) stay as they are."""
+    if "://" in path:
+        return path
     candidate = Path(path).expanduser()
     if candidate.is_absolute():
         return str(candidate)
@@ -328,7 +331,7 @@ class RegistryConfig(Strict):
     @model_validator(mode="after")
     def _absolute(self):
         self.state_dir = resolve_path(self.state_dir)
-        self.allowed_roots = [r if "://" in r else resolve_path(r) for r in self.allowed_roots]  # URLs stay
+        self.allowed_roots = [resolve_path(r) for r in self.allowed_roots]
         return self
 
 

@@ -38,6 +38,8 @@ class Caller:
             return True
         if name.startswith(self.key.adapter_prefix):
             return True
+        if ":" in name:  # `<tenant>:...` is that tenant's alone, whatever the key's patterns say
+            return False
         if not self.key.models:
             return name in base_models
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.key.models)
@@ -56,7 +58,7 @@ class Gate:
         self.api_key = config.api_key
         self.admin_api_key = config.admin_api_key
 
-    def caller(self, request: Request, keys: Mapping[str, KeyRecord]) -> Caller | None:
+    def caller(self, request: Request, keys: Mapping[str, KeyRecord], keys_on: bool = False) -> Caller | None:
         """The caller of a /v1 route, or None for a key that is given but unknown (maybe created a
         moment ago through another ingress replica: the caller may refresh and ask again)."""
         given = bearer(request)
@@ -66,7 +68,7 @@ class Gate:
             return API_KEY
         if given and (key := keys.get(hash_key(given))) is not None:
             return Caller("tenant", key)
-        if self.api_key is None and not keys:
+        if self.api_key is None and not keys and not keys_on:
             return OPEN
         return None
 
@@ -76,12 +78,15 @@ class Gate:
             "missing or wrong API key; send `Authorization: Bearer <api_key>`.", code="invalid_api_key"
         )
 
-    def admin(self, request: Request, keys: Mapping[str, KeyRecord], tenants_may_register: bool = False) -> Caller:
+    def admin(
+        self, request: Request, keys: Mapping[str, KeyRecord], tenants_may_register: bool = False, keys_on: bool = False
+    ) -> Caller:
         """The caller of an admin route: the admin key, or (for adapter changes) a tenant key that
         may register adapters. Open only while no key of any kind is configured or exists."""
-        if self.api_key is None and self.admin_api_key is None and not keys:
+        keys_on = keys_on or bool(keys)
+        if self.api_key is None and self.admin_api_key is None and not keys_on:
             return OPEN
-        caller = self.caller(request, keys)
+        caller = self.caller(request, keys, keys_on)
         if caller is ADMIN:
             return caller
         if caller is not None and caller.key is not None and tenants_may_register and caller.key.can_register:
@@ -91,7 +96,7 @@ class Gate:
             raise PermissionDeniedError(
                 f"{what}admin routes need the admin_api_key, not the api_key.", code="admin_key_required"
             )
-        if keys and self.admin_api_key is None:
+        if keys_on and self.admin_api_key is None:
             raise AuthenticationError(
                 "tenant keys are on, and the admin routes need ingress.admin_api_key, which is not set.",
                 code="admin_key_not_configured",

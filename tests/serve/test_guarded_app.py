@@ -4,6 +4,7 @@ import concurrent.futures as futures
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 
 from serve_app.model_types import XIAO_HUANG_DIR
 from tests.serve.fuzzing import PUBLIC, check, fuzz
-from tests.serve_fixtures import ADMIN_KEY, API_KEY, BASE, guarded_config
+from tests.serve_fixtures import ADMIN_KEY, API_KEY, BASE, STATE, guarded_config
 
 pytestmark = pytest.mark.slow
 CHAT = {"model": "guarded", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
@@ -127,9 +128,17 @@ def test_tenant_keys_see_and_use_only_their_own_and_are_limited(guarded_app):
     assert admin.post("/v1/keys", json={"name": "globex"}).status_code == 409
     as_acme = httpx.Client(base_url=guarded_app, headers={"Authorization": f"Bearer {acme}"}, timeout=60)
 
-    registered = as_acme.post("/v1/load_lora_adapter", json={"lora_name": "acme:bot", "lora_path": str(XIAO_HUANG_DIR)})
+    own = Path(STATE) / "guarded" / "adapters" / "acme" / "bot"  # a tenant registers from its own folder
+    shutil.copytree(XIAO_HUANG_DIR, own)
+    registered = as_acme.post("/v1/load_lora_adapter", json={"lora_name": "acme:bot", "lora_path": str(own)})
     assert registered.status_code == 200, registered.text
-    outside = as_acme.post("/v1/adapters", json={"name": "globex:bot", "path": str(XIAO_HUANG_DIR)})
+    elsewhere = as_acme.post("/v1/adapters", json={"name": "acme:x", "path": str(XIAO_HUANG_DIR)})
+    assert elsewhere.status_code == 403 and elsewhere.json()["error"]["code"] == "path_not_allowed"
+    for flags in ({"pinned": True}, {"preload": True}, {"force": True}):  # slots on every replica: the admin's
+        flagged = as_acme.post("/v1/adapters", json={"name": "acme:y", "path": str(own), **flags})
+        assert flagged.status_code == 403, flagged.text
+    assert as_acme.patch("/v1/adapters/acme:bot", json={"pinned": True}).status_code == 403
+    outside = as_acme.post("/v1/adapters", json={"name": "globex:bot", "path": str(own)})
     assert outside.status_code == 403 and outside.json()["error"]["code"] == "adapter_prefix_required"
     by_globex = httpx.post(
         f"{guarded_app}/v1/adapters",

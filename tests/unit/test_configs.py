@@ -87,3 +87,20 @@ def test_deployment_options_derive_from_tensor_parallel_size(monkeypatch):
 def test_bad_config_is_rejected_with_a_named_problem(args, match):
     with pytest.raises((ValidationError, ValueError), match=match):
         AppConfig.model_validate(args)
+
+
+def test_stream_carrying_replicas_drain_their_streams_by_default():
+    from deployments.ingress import Ingress
+    from deployments.llm_server import LLMServer
+    from deployments.renderer import Renderer
+    from serve_app.config import STREAM_DRAIN_S
+
+    config = AppConfig.model_validate({"models": [{"model_type": "tiny-chat", "lora_modules": {"s3": "s3://b/a"}}]})
+    assert config.models[0].lora_modules["s3"].path == "s3://b/a"  # a URL stays a URL
+    assert LLMServer.get_deployment_options(config.models[0])["graceful_shutdown_timeout_s"] == STREAM_DRAIN_S
+    assert Ingress.get_deployment_options(config)["graceful_shutdown_timeout_s"] == STREAM_DRAIN_S
+    assert "graceful_shutdown_timeout_s" not in Renderer.get_deployment_options(config)  # Serve's 20 s
+    tuned = {"models": [{"model_type": "tiny-chat", "deployment": {"graceful_shutdown_timeout_s": 30}}]}
+    assert (
+        LLMServer.get_deployment_options(AppConfig.model_validate(tuned).models[0])["graceful_shutdown_timeout_s"] == 30
+    )

@@ -97,3 +97,32 @@ def test_key_labels_are_bounded():
     labels = {metrics.key_labels("acme", f"k{i}") for i in range(MAX_KEY_LABELS + 50)}
     assert len(labels) == MAX_KEY_LABELS + 1 and ("(other)", "(other)") in labels
     assert metrics.key_labels("acme", "k0") == ("acme", "k0")
+
+
+def test_a_tenants_adapters_are_its_own_whatever_the_patterns():
+    everything = Caller("tenant", key(models=("*",))[0])
+    assert everything.may_use("tiny-base", BASES) and everything.may_use("shared-sql", BASES)
+    assert not everything.may_use("globex:bot", BASES)  # `<tenant>:...` belongs to that tenant alone
+    assert everything.may_use("acme:bot", BASES)
+
+
+def test_revoking_the_last_key_does_not_open_the_api():
+    gate = Gate(IngressConfig(admin_api_key="admin"))
+    assert gate.caller(request(), {}, keys_on=True) is None
+    with pytest.raises(AuthenticationError):
+        gate.admin(request(), {}, keys_on=True)
+    assert gate.caller(request(), {}, keys_on=False) is OPEN
+
+
+def test_a_tenant_registers_only_from_its_own_folders(tmp_path):
+    from lora_registry.path_policy import PathPolicy
+
+    (tmp_path / "acme" / "bot").mkdir(parents=True)
+    (tmp_path / "globex" / "bot").mkdir(parents=True)
+    policy = PathPolicy([str(tmp_path), "s3://bucket/tenants"])
+    assert policy.check(str(tmp_path / "acme" / "bot"), "acme") == str((tmp_path / "acme" / "bot").resolve())
+    assert policy.check("s3://bucket/tenants/acme/bot", "acme") == "s3://bucket/tenants/acme/bot"
+    for path in (str(tmp_path / "globex" / "bot"), "s3://bucket/tenants/globex/bot", "s3://bucket/tenants/acme-x/b"):
+        with pytest.raises(PermissionDeniedError):
+            policy.check(path, "acme")
+    assert policy.check(str(tmp_path / "globex" / "bot")) == str((tmp_path / "globex" / "bot").resolve())  # admin
