@@ -1,7 +1,7 @@
-"""Autoscaling for real, and tensor parallelism 2 through the graph."""
+"""Tensor parallelism 2 through the graph, and adapter placement over engine replicas. (Autoscaling
+1 -> 2 -> 1 under load is in test_zero_downtime.py, which also checks that nothing is lost.)"""
 
 import concurrent.futures as futures
-import threading
 import time
 
 import httpx
@@ -28,52 +28,6 @@ def wait_for(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.5)
     return False
-
-
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_instance):
-    config = AppConfig.model_validate(
-        {
-            "registry": {"state_dir": f"{STATE}/auto"},
-            "models": [
-                {
-                    "name": "tiny-auto",
-                    "model_type": "tiny-chat",
-                    "infer_backend": "pt",
-                    "deployment": {
-                        "max_ongoing_requests": 4,
-                        "autoscaling": {
-                            "min_replicas": 1,
-                            "max_replicas": 2,
-                            "target_ongoing_requests": 1,
-                            "upscale_delay_s": 1,
-                            "downscale_delay_s": 3,
-                            "metrics_interval_s": 0.5,
-                            "look_back_period_s": 1,
-                        },
-                    },
-                }
-            ],
-        }
-    )
-    serve_instance.run(build_from_config(config), name="auto", route_prefix="/auto")
-    deployment = "LLMServer:tiny-auto"
-    assert replicas("auto", deployment) == 1
-    stop = threading.Event()
-    body = {"model": "tiny-auto", "prompt": "1, 2,", "max_tokens": 60, "ignore_eos": True}
-
-    def load():
-        while not stop.is_set():
-            httpx.post(f"{BASE}/auto/v1/completions", json=body, timeout=120)
-
-    with futures.ThreadPoolExecutor(4) as pool:
-        for _ in range(4):
-            pool.submit(load)
-        try:
-            assert wait_for(lambda: replicas("auto", deployment) == 2, timeout=120)
-        finally:
-            stop.set()
-    assert wait_for(lambda: replicas("auto", deployment) == 1, timeout=120)
-    serve.delete("auto")
 
 
 def hf_greedy_answers(queries: list[str], max_tokens: int) -> list[str]:
