@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
+from lora_registry.adapter_files import AdapterInfo, check_adapter_fits, inspect_adapter
 from lora_registry.adapter_store import AdapterPlacement, AdapterRecord, AdapterStore, RegistryState, ReplicaResidency
 from lora_registry.database import Database
 from lora_registry.key_store import KeyRecord, KeySpec, KeyStore
@@ -146,18 +146,20 @@ class LoraRegistry:
         tenant: str | None = None,
     ) -> AdapterRecord:
         """`tenant`: registered with a tenant key, so only from `<root>/<tenant>/` of an allowed root."""
-        # Off the event loop: an adapter from an object store is downloaded and checked here, and
-        # the followers' long-polls must keep being answered meanwhile. One change at a time (a name
-        # is checked, then written); a caller that gives up does not end the work or free the lock.
-        async with self._changing:
-            work = asyncio.ensure_future(
-                asyncio.to_thread(self._register, name, path, base_model, replace, force, pinned, preload, tenant)
-            )
+        self._check_name(name, replace)  # early: nothing is read for a name that is taken
+        # The files are read (and an object store's downloaded) in a worker thread, before the lock:
+        # the followers' long-polls are answered meanwhile, and a slow download holds up no other
+        # change. A caller that gives up does not end the reading half-way.
+        reading = asyncio.ensure_future(asyncio.to_thread(self._read_adapter, path, tenant))
+        try:
+            real, info, checksum = await asyncio.shield(reading)
+        finally:
+            await asyncio.wait([reading])
+        async with self._changing:  # one change at a time: the name is checked again, then written
             try:
-                return await asyncio.shield(work)
+                return self._commit(name, real, info, checksum, base_model, replace, force, pinned, preload)
             finally:
-                await asyncio.wait([work])
-                self._notify()  # on the loop: asyncio.Event is not thread-safe
+                self._notify()
 
     async def unregister(self, name: str) -> AdapterRecord:
         async with self._changing:
@@ -212,16 +214,33 @@ class LoraRegistry:
         force: bool,
         pinned: bool = False,
         preload: bool = False,
-        tenant: str | None = None,
     ) -> AdapterRecord:
+        """Register at once (the startup adapters of the config)."""
         self._check_name(name, replace)
+        real, info, checksum = self._read_adapter(path, None)
+        return self._commit(name, real, info, checksum, base_model, replace, force, pinned, preload)
+
+    def _read_adapter(self, path: str, tenant: str | None) -> tuple[str, AdapterInfo, str | None]:
+        """The checked path (or URL), the adapter's metadata, and for a URL the files' checksum."""
         real = self.policy.check(path, tenant)  # before anything under `path` is read
-        checksum = None
         if is_url(real):  # downloaded into this node's cache; engine replicas fetch and verify it
             local, checksum = self.cache.fetch_new(real)
-            info = inspect_adapter(local)
-        else:
-            info = inspect_adapter(real)
+            return real, inspect_adapter(local), checksum
+        return real, inspect_adapter(real), None
+
+    def _commit(
+        self,
+        name: str,
+        real: str,
+        info: AdapterInfo,
+        checksum: str | None,
+        base_model: str | None,
+        replace: bool,
+        force: bool,
+        pinned: bool,
+        preload: bool,
+    ) -> AdapterRecord:
+        self._check_name(name, replace)
         base = self._pick_base(base_model, info)
         if base.supported_modules is not None and (bad := set(info.target_modules) - base.supported_modules):
             raise ConfigError(

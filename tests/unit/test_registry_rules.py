@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 
 import pytest
 
@@ -212,3 +213,31 @@ def test_bad_key_specs_name_the_field(tmp_path, adapters, spec, param):
     with pytest.raises(InvalidRequestError) as error:
         run(registry(tmp_path, adapters).create_key(spec))
     assert error.value.param == param
+
+
+def test_a_slow_read_holds_up_no_other_change(tmp_path, adapters, monkeypatch):
+    """Files are read (an object store's downloaded) before the registry's lock: while one adapter's
+    read is stuck, another is removed, and the stuck one still lands afterwards."""
+    reg = registry(tmp_path, adapters)
+    run(reg.register("a", str(adapters["a"])))
+    read, reading, release = reg._read_adapter, threading.Event(), threading.Event()
+
+    def stuck_read(path, tenant):
+        if path == str(adapters["b"]):
+            reading.set()
+            release.wait(30)  # until the other change is done (30 s if that change waits for this one)
+        return read(path, tenant)
+
+    monkeypatch.setattr(reg, "_read_adapter", stuck_read)
+
+    async def both():
+        stuck = asyncio.create_task(reg.register("b", str(adapters["b"])))
+        assert await asyncio.to_thread(reading.wait, 30)
+        await reg.unregister("a")
+        removed_first = not stuck.done()
+        release.set()
+        return removed_first, await stuck
+
+    removed_first, record = run(both())
+    assert removed_first and record.name == "b"
+    assert sorted(run(reg.state()).adapters) == ["b"]
