@@ -52,8 +52,8 @@ class LLMServer:
         """The first message is a FirstMessage, every later one a list of deltas."""
         started = time.perf_counter()
         async with self.adapters.use(request.adapter) as residency:
-            if request.adapter is not None:  # an adapter from an object store: its folder on this node
-                request = dataclasses.replace(request, adapter=self.adapters.localized(request.adapter))
+            if (local := self.adapters.localized(request.adapter)) is not request.adapter:
+                request = dataclasses.replace(request, adapter=local)  # from an object store: this node's copy
             self.streams += 1
             try:
                 served = None

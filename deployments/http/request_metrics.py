@@ -22,35 +22,24 @@ MAX_KEY_LABELS = 100
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "lorafleet_requests",
-            "Requests by model, route and HTTP status",
-            ["model", "route", "status"],
-            registry=self.registry,
+        self.requests = self._counter(
+            "lorafleet_requests", "Requests by model, route and HTTP status", ["model", "route", "status"]
         )
-        self.errors = Counter(
-            "lorafleet_errors", "Failed requests by model and error type", ["model", "type"], registry=self.registry
-        )
-        self.engine_requests = Counter(
+        self.errors = self._counter("lorafleet_errors", "Failed requests by model and error type", ["model", "type"])
+        self.engine_requests = self._counter(
             "lorafleet_engine_requests",
             "Requests by model, the engine replica that took them, and whether their adapter was "
             "resident there, loaded for them, or none (base)",
             ["model", "replica", "adapter"],
-            registry=self.registry,
         )
-        self.engine_messages = Counter(
+        self.engine_messages = self._counter(
             "lorafleet_engine_messages",
             "Messages from engine replicas to the ingress; completion tokens / messages = tokens per "
             "message, how much streams coalesce under load",
             ["model"],
-            registry=self.registry,
         )
-        self.prompt_tokens = Counter(
-            "lorafleet_prompt_tokens", "Prompt tokens by model", ["model"], registry=self.registry
-        )
-        self.completion_tokens = Counter(
-            "lorafleet_completion_tokens", "Generated tokens by model", ["model"], registry=self.registry
-        )
+        self.prompt_tokens = self._counter("lorafleet_prompt_tokens", "Prompt tokens by model", ["model"])
+        self.completion_tokens = self._counter("lorafleet_completion_tokens", "Generated tokens by model", ["model"])
         self.ttft = self._seconds("lorafleet_time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS)
         # Where time to first token goes: the render call, then the engine replica's own share
         # (adapter load, queue, prefill); the rest of the ingress's TTFT is the hops between deployments.
@@ -70,23 +59,20 @@ class Metrics:
             _STEP_BUCKETS,
         )
         self.latency = self._seconds("lorafleet_request_latency_seconds", "Whole request latency", _LATENCY_BUCKETS)
-        self.key_requests = Counter(
+        self.key_requests = self._counter(
             "lorafleet_key_requests",
             "Requests of tenant keys by tenant, key and HTTP status",
             ["tenant", "key", "status"],
-            registry=self.registry,
         )
-        self.key_tokens = Counter(
+        self.key_tokens = self._counter(
             "lorafleet_key_tokens",
             "Tokens of tenant keys by tenant, key and kind (prompt, completion)",
             ["tenant", "key", "kind"],
-            registry=self.registry,
         )
-        self.rate_limited = Counter(
+        self.rate_limited = self._counter(
             "lorafleet_key_rate_limited",
             "Requests refused with 429 by tenant, key and limit (requests, tokens)",
             ["tenant", "key", "limit"],
-            registry=self.registry,
         )
         self._keys: set[str] = set()
         self.loop_lag = Histogram(
@@ -95,6 +81,9 @@ class Metrics:
             buckets=_STEP_BUCKETS,
             registry=self.registry,
         )
+
+    def _counter(self, name: str, doc: str, labels: list[str]) -> Counter:
+        return Counter(name, doc, labels, registry=self.registry)
 
     def _seconds(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         """A duration histogram by model."""
