@@ -114,7 +114,10 @@ class LLMServer:
         if has_nvidia_gpu() and model.infer_backend == "vllm":
             options["ray_actor_options"] = {"num_cpus": opts.num_cpus * tp, "num_gpus": tp} | opts.ray_actor_options
         else:
-            options["placement_group_bundles"] = [{"CPU": max(opts.num_cpus, 1)} for _ in range(tp)]
+            bundles = [{"CPU": max(opts.num_cpus, 1)} for _ in range(tp)]
+            # The replica's actor runs in the first bundle, so its custom resources go there.
+            bundles[0] |= opts.ray_actor_options.get("resources", {})
+            options["placement_group_bundles"] = bundles
             options["placement_group_strategy"] = "STRICT_PACK"
         if opts.autoscaling is not None:
             options["autoscaling_config"] = opts.autoscaling.model_dump(exclude={"min_replicas", "max_replicas"}) | {

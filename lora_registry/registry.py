@@ -85,7 +85,7 @@ class LoraRegistry:
                 self._register(name, adapter.path, adapter.base_model, True, False, adapter.pinned, adapter.preload)
 
     @classmethod
-    def get_deployment_options(cls) -> dict:
+    def get_deployment_options(cls, ray_actor_options: dict | None = None) -> dict:
         """One replica: Serve's controller restarts it if it dies, and it reloads its state."""
         # Every ingress and engine replica keeps a `listen` long-poll (up to 30 s) open here, so a
         # stopping replica (app deleted or redeployed) would wait Serve's default 20 s for them to
@@ -98,7 +98,7 @@ class LoraRegistry:
             max_ongoing_requests=10_000,
             graceful_shutdown_timeout_s=2,
             health_check_period_s=2,
-            ray_actor_options={"num_cpus": 0},
+            ray_actor_options={"num_cpus": 0, **(ray_actor_options or {})},
         )
 
     # --- queries ------------------------------------------------------------------------------

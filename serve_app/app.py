@@ -57,8 +57,8 @@ def build_registry(config: AppConfig) -> Application:
         for m in config.models
         for name, module in m.lora_modules.items()
     }
-    registry = serve.deployment(LoraRegistry).options(**LoraRegistry.get_deployment_options())
     reg = config.registry
+    registry = serve.deployment(LoraRegistry).options(**LoraRegistry.get_deployment_options(reg.ray_actor_options))
     return registry.bind(reg.state_dir, bases, reg.allowed_roots, startup, reg.database_url)
 
 

@@ -315,6 +315,10 @@ class RegistryConfig(Strict):
         description="folders adapters may be registered from, and object-store URL prefixes (s3://bucket/prefix); "
         "the startup adapters' folders and <state_dir>/adapters are always allowed",
     )
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra Ray actor options of the registry's one replica (e.g. resources that keep it off GPU nodes)",
+    )
 
     @property
     def adapter_cache(self) -> str:

@@ -15,7 +15,7 @@ pytest_plugins = [
 
 # Under `-n 2` (scripts/test.sh) the suite runs in two processes that share one Ray cluster and one
 # Serve instance (tests/serve_fixtures.py). Three groups of tests, each run in order by one process:
-# - "apps": the test that runs `ray stop --force` (first: no cluster may exist yet), then the modules
+# - "apps": the tests that run `ray stop --force` (first: no shared cluster may exist yet), then the modules
 #   that deploy apps of their own (their own names and routes) and test_haproxy_guard (it starts and
 #   ends HAProxy processes that a `lorafleet deploy` would judge as stale copies of its own);
 # - "engines": offline engines, the CLI and unit tests, which never touch Ray;
@@ -29,10 +29,11 @@ pytest_plugins = [
 GROUPS = (
     ("tests/serve/test_adapter_admission.py", "main"),
     ("tests/cli/test_restart_after_kill.py", "apps"),
+    ("tests/cluster/", "apps"),
     ("tests/serve/test_failures.py", "apps"),
     ("tests/serve/test_guarded_app.py", "apps"),
     ("tests/serve/test_lora_registry.py", "apps"),
-    ("tests/serve/test_scaling_and_tp.py", "apps"),
+    ("tests/serve/test_adapter_homes.py", "apps"),
     ("tests/serve/test_zero_downtime.py", "apps"),
     ("tests/unit/test_haproxy_guard.py", "apps"),
     ("tests/serve/", "main"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import socket
@@ -102,23 +103,29 @@ def run_dir() -> Path:
     return Path(os.environ["LORAFLEET_TEST_RUN"])
 
 
+STOPPERS: list[str] = []  # the node ids of the tests that run `ray stop --force`
+
+
 def pytest_collection_finish(session):
-    if not any(item.get_closest_marker("stops_ray") for item in session.items):
-        (run_dir() / "ray-stoppers-done").touch()
+    STOPPERS.extend(item.nodeid for item in session.items if item.get_closest_marker("stops_ray"))
+
+
+def stopper_done(nodeid: str) -> Path:
+    return run_dir() / ("stopper-done-" + hashlib.sha1(nodeid.encode()).hexdigest()[:16])
 
 
 def pytest_runtest_teardown(item):
     if item.get_closest_marker("stops_ray"):
-        (run_dir() / "ray-stoppers-done").touch()
+        stopper_done(item.nodeid).touch()
 
 
 def shared_cluster() -> str:
     """The run's Ray cluster, started once by whichever process asks first (`ray start --head`, so
     it outlives that process); its GCS address."""
-    done, address = run_dir() / "ray-stoppers-done", run_dir() / "ray-address"
+    address = run_dir() / "ray-address"
     deadline = time.monotonic() + 900
-    while not done.exists():  # a test that runs `ray stop --force` would end the cluster
-        assert time.monotonic() < deadline, "the test that stops Ray did not finish"
+    while not all(stopper_done(n).exists() for n in STOPPERS):  # each runs `ray stop --force`
+        assert time.monotonic() < deadline, "the tests that stop Ray did not finish"
         time.sleep(1)
     with open(run_dir() / "ray.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

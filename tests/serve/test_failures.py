@@ -1,13 +1,13 @@
-"""Failures under load: an engine replica killed mid-stream, the registry killed mid-registration."""
+"""The registry killed mid-registration: what was acknowledged is kept, the rest fails cleanly, and
+SQLite's file stays whole. (An engine replica lost mid-stream, with its whole node, is in
+tests/cluster/test_node_loss.py.)"""
 
 import concurrent.futures as futures
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import ray
 from ray import serve
@@ -15,7 +15,7 @@ from ray import serve
 from serve_app.app import build_from_config
 from serve_app.config import AppConfig
 from serve_app.model_types import XIAO_HUANG_DIR
-from tests.serve_fixtures import BASE, FAST_START, STATE
+from tests.serve_fixtures import BASE, STATE
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def failing_app(serve_instance):
                 {
                     "name": "tiny-fail",
                     "model_type": "tiny-chat",
-                    "engine": FAST_START,
+                    "infer_backend": "pt",  # the registry is the subject; pt replicas start quickly
                     "lora_modules": {"xh-fail": str(XIAO_HUANG_DIR)},
                     "deployment": {"num_replicas": 1},
                 }
@@ -67,50 +67,6 @@ def failing_app(serve_instance):
     serve_instance.run(build_from_config(config), name="failing", route_prefix="/failing")
     yield f"{BASE}/failing"
     serve.delete("failing")
-
-
-def test_engine_replica_killed_during_load(failing_app):
-    client = openai.OpenAI(base_url=f"{failing_app}/v1", api_key="none", max_retries=0, timeout=60)
-    streaming = threading.Barrier(5)
-    outcomes = []
-
-    def stream_one(i):
-        chunks = client.chat.completions.create(
-            model="tiny-fail" if i % 2 else "xh-fail",
-            messages=[{"role": "user", "content": f"count {i}"}],
-            max_tokens=1000,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        try:
-            first = True
-            for _ in chunks:
-                if first:
-                    first = False
-                    streaming.wait(timeout=30)
-            outcomes.append("completed")
-        except openai.APIError as e:  # the error event the ingress sends in-band
-            assert "Traceback" not in str(e)
-            outcomes.append(f"error: {e}")
-
-    with futures.ThreadPoolExecutor(4) as pool:
-        running = [pool.submit(stream_one, i) for i in range(4)]
-        streaming.wait(timeout=60)
-        kill_actor("LLMServer:tiny-fail")
-        for f in running:
-            f.result(timeout=60)  # no hang
-    assert len(outcomes) == 4 and any(o.startswith("error") for o in outcomes), outcomes
-
-    # Serve replaces the replica by itself; the base model and the adapter answer again.
-    def answer(model):
-        r = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "who are you?"}], max_tokens=16
-        )
-        assert r.choices[0].message.content
-        return r.choices[0].message.content
-
-    base = eventually(lambda: answer("tiny-fail"), timeout=180)
-    assert eventually(lambda: answer("xh-fail"), timeout=60) != base
 
 
 def test_registry_killed_during_registrations(failing_app):

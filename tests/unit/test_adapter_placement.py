@@ -1,5 +1,5 @@
 """The adapter placement rules of the engine replicas' request router, on stand-in replicas (the
-router in a real Serve app: tests/serve/test_scaling_and_tp.py)."""
+router in a real Serve app: tests/serve/test_adapter_homes.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Tensor parallelism 2 through the graph, and adapter placement over engine replicas. (Autoscaling
-1 -> 2 -> 1 under load is in test_zero_downtime.py, which also checks that nothing is lost.)"""
+"""Adapter placement over engine replicas: each adapter has a home replica, a busy one gets a second.
+(Autoscaling 1 -> 2 -> 1 under load is in test_zero_downtime.py; tensor parallelism 2 through the
+graph in tests/cluster/test_node_loss.py.)"""
 
 import concurrent.futures as futures
 import time
@@ -11,7 +12,7 @@ from ray import serve
 
 from serve_app.app import build_from_config
 from serve_app.config import AppConfig
-from tests.serve_fixtures import BASE, FAST_START, STATE
+from tests.serve_fixtures import BASE, STATE
 
 pytestmark = pytest.mark.slow
 
@@ -28,56 +29,6 @@ def wait_for(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.5)
     return False
-
-
-def hf_greedy_answers(queries: list[str], max_tokens: int) -> list[str]:
-    """transformers' greedy answers (bf16): the oracle that tensor parallelism 1 equals in test_oracle.py."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from serve_app.model_types import TINY_CHAT_DIR
-    from serve_app.template import get_template
-
-    tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT_DIR)
-    model = AutoModelForCausalLM.from_pretrained(TINY_CHAT_DIR, dtype=torch.bfloat16).eval()
-    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    answers = []
-    for query in queries:
-        ids, _ = get_template("qwen", tokenizer).encode(query)
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos)
-        answers.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
-    return answers
-
-
-def test_tensor_parallel_2_through_the_graph(serve_instance):
-    config = AppConfig.model_validate(
-        {
-            "registry": {"state_dir": f"{STATE}/tp2"},
-            "models": [
-                {
-                    "name": "tiny-tp2",
-                    "model_type": "tiny-chat",
-                    "engine": {**FAST_START, "tensor_parallel_size": 2, "max_model_len": 512},
-                    "deployment": {"num_replicas": 1},
-                }
-            ],
-        }
-    )
-    serve_instance.run(build_from_config(config), name="tp2", route_prefix="/tp2")
-    try:
-        tp2 = openai.OpenAI(base_url=f"{BASE}/tp2/v1", api_key="x", max_retries=0)
-        queries = ["浙江的省会在哪？", "Tell me a story.", "who are you?"]
-        answers = [
-            tp2.chat.completions.create(
-                model="tiny-tp2", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=40
-            )
-            .choices[0]
-            .message.content
-            for q in queries
-        ]
-        assert answers == hf_greedy_answers(queries, max_tokens=40)
-    finally:
-        serve.delete("tp2")
 
 
 def engine_requests(url: str, model: str) -> dict[tuple[str, str], float]:
