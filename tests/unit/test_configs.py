@@ -60,6 +60,33 @@ def test_deployment_options_derive_from_tensor_parallel_size(monkeypatch):
     assert LLMServer.get_deployment_options(model)["placement_group_bundles"] == [{"CPU": 1.0}] * 4
 
 
+def test_custom_resources_place_engine_and_registry_replicas(monkeypatch):
+    """On the CPU the engine replica's actor runs in its first placement bundle, so the custom
+    resources that place it (tests/cluster/test_node_loss.py) must be in that bundle."""
+    from deployments.llm_server import LLMServer
+    from lora_registry.registry import LoraRegistry
+
+    on_a_slot = {"resources": {"lf_slot": 1}}
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {
+                    "model_type": "tiny-chat",
+                    "engine": {"tensor_parallel_size": 2},
+                    "deployment": {"ray_actor_options": on_a_slot},
+                }
+            ],
+            "registry": {"ray_actor_options": on_a_slot},
+        }
+    )
+    monkeypatch.setenv("LORAFLEET_DEVICE", "cpu")
+    options = LLMServer.get_deployment_options(config.models[0])
+    assert options["placement_group_bundles"] == [{"CPU": 1.0, "lf_slot": 1}, {"CPU": 1.0}]
+    assert options["ray_actor_options"] == on_a_slot
+    registry = LoraRegistry.get_deployment_options(config.registry.ray_actor_options)
+    assert registry["ray_actor_options"] == {"num_cpus": 0, "resources": {"lf_slot": 1}}
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
