@@ -168,7 +168,6 @@ class Ingress:
         req = await self.read_body(request, ChatCompletionRequest)
         model, adapter = await self.resolve(req.model, request.state.caller)
         request.state.model = req.model
-        self.admit(request.state.caller)
         if not model.is_chat:
             raise InvalidRequestError(
                 f"model '{req.model}' is a generation model without a chat template; use /v1/completions.",
@@ -195,13 +194,13 @@ class Ingress:
             n=req.n,
         )
         structured = plan.structured or req.structured_output()
-        return await self.generate("chat", req, [render], model, adapter, options, structured, request.state.caller)
+        caller = self.admit(request.state.caller, req.requested_max_tokens, req.n)
+        return await self.generate("chat", req, [render], model, adapter, options, structured, caller)
 
     async def _completion(self, request: Request):
         req = await self.read_body(request, CompletionRequest)
         model, adapter = await self.resolve(req.model, request.state.caller)
         request.state.model = req.model
-        self.admit(request.state.caller)
         if req.echo and req.stream and req.logprobs is not None:
             raise InvalidRequestError("`echo` with `logprobs` is not supported when streaming.", param="echo")
         renders = [
@@ -221,9 +220,8 @@ class Ingress:
             n=req.n,
         )
         structured = req.structured_output()
-        return await self.generate(
-            "completion", req, renders, model, adapter, options, structured, request.state.caller
-        )
+        caller = self.admit(request.state.caller, req.requested_max_tokens, req.n * len(renders))
+        return await self.generate("completion", req, renders, model, adapter, options, structured, caller)
 
     async def _observed(self, route: str, request: Request, work):
         """Run a route, counting it by model and status whatever happens."""
@@ -400,15 +398,17 @@ class Ingress:
         request.state.caller = caller
         return caller
 
-    def admit(self, caller: Caller) -> None:
-        """A tenant key's requests and tokens per minute (429 with Retry-After when over)."""
+    def admit(self, caller: Caller, max_tokens: int | None, choices: int) -> Caller:
+        """A tenant key's requests and tokens per minute (429 with Retry-After when over); the
+        caller with the tokens set aside for what this request may generate."""
         if caller.key is None:
-            return
+            return caller
         try:
-            self.limits.admit(caller.key)
+            reserved = self.limits.admit(caller.key, max_tokens and max_tokens * choices)
         except RateLimitError as e:
             self.metrics.rate_limited.labels(*self._key_labels(caller), e.type).inc()
             raise
+        return dataclasses.replace(caller, reserved_tokens=reserved)
 
     def _key_labels(self, caller: Caller) -> tuple[str, str]:
         return self.metrics.key_labels(caller.key.tenant, caller.key.name)
@@ -418,14 +418,18 @@ class Ingress:
         if caller is not None and caller.key is not None:
             self.metrics.key_requests.labels(*self._key_labels(caller), str(status)).inc()
 
-    def _charge(self, caller: Caller, builder: ResponseBuilder) -> None:
-        """The tokens a tenant's request used, also when it failed or its client left mid-stream."""
+    def _charge(self, caller: Caller, builder: ResponseBuilder | None) -> None:
+        """The tokens a tenant's request used, also when it failed or its client left mid-stream
+        (none when it failed before generating: `builder` None)."""
         if caller.key is None:
             return
-        usage, labels = builder.usage, self._key_labels(caller)
-        self.metrics.key_tokens.labels(*labels, "prompt").inc(usage["prompt_tokens"])
-        self.metrics.key_tokens.labels(*labels, "completion").inc(usage["completion_tokens"])
-        self.limits.charge(caller.key, usage["total_tokens"])
+        used = 0
+        if builder is not None:
+            usage, labels = builder.usage, self._key_labels(caller)
+            self.metrics.key_tokens.labels(*labels, "prompt").inc(usage["prompt_tokens"])
+            self.metrics.key_tokens.labels(*labels, "completion").inc(usage["completion_tokens"])
+            used = usage["total_tokens"]
+        self.limits.settle(caller.key, caller.reserved_tokens, used)
 
     async def _refresh_adapters(self) -> None:
         self.adapter_state = await self.registry.state.remote()
@@ -506,6 +510,38 @@ class Ingress:
     ):
         """Render every prompt, stream each from the model's LLMServer, and answer as one response
         (choice `index` runs across prompts, then `n`)."""
+        try:
+            rendered, streams, first, started = await self._open(
+                kind, req, renders, model, adapter, options, structured
+            )
+        except BaseException:
+            self._charge(caller, None)  # nothing was generated: the tokens set aside go back
+            raise
+        if any(r.return_text for r in renders):  # completions' echo: each prompt's text before its choices
+            options = dataclasses.replace(options, echo=tuple(p.text for p in rendered))
+        builder = ResponseBuilder(
+            kind, req.model, len(rendered) * req.n, [list(p.prompt_ids) for p in rendered], options
+        )
+        stream = _merged(streams, req.n)
+        if req.stream:
+            return StreamingResponse(
+                self._events(stream, streams, first, builder, req, started, caller), media_type="text/event-stream"
+            )
+        try:
+            if first:
+                builder.add_message(first)
+            async with contextlib.aclosing(stream):
+                async for deltas in stream:
+                    builder.add_message(deltas)
+        finally:  # a prompt that failed: the batch's other engine requests stop too
+            for s in streams:
+                s.cancel()
+            self._charge(caller, builder)
+        self._count(builder, req.model, started)
+        return JSONResponse(builder.final())
+
+    async def _open(self, kind, req, renders, model, adapter, options, structured):
+        """Render the prompts and start their engine streams, up to each one's first message."""
         if req.priority and model.engine.engine_kwargs.get("scheduling_policy") != "priority":
             # vLLM takes a priority under first-come-first-served scheduling and ignores it
             raise InvalidRequestError(
@@ -531,28 +567,7 @@ class Ingress:
                 self.metrics.engine_requests.labels(req.model, served.replica, served.adapter).inc()
                 self.metrics.engine_ttft.labels(req.model).observe(served.first_token_s)
                 first += _shifted(opening.deltas, i * req.n)
-        if any(r.return_text for r in renders):  # completions' echo: each prompt's text before its choices
-            options = dataclasses.replace(options, echo=tuple(p.text for p in rendered))
-        builder = ResponseBuilder(
-            kind, req.model, len(rendered) * req.n, [list(p.prompt_ids) for p in rendered], options
-        )
-        stream = _merged(streams, req.n)
-        if req.stream:
-            return StreamingResponse(
-                self._events(stream, streams, first, builder, req, started, caller), media_type="text/event-stream"
-            )
-        try:
-            if first:
-                builder.add_message(first)
-            async with contextlib.aclosing(stream):
-                async for deltas in stream:
-                    builder.add_message(deltas)
-        finally:  # a prompt that failed: the batch's other engine requests stop too
-            for s in streams:
-                s.cancel()
-            self._charge(caller, builder)
-        self._count(builder, req.model, started)
-        return JSONResponse(builder.final())
+        return rendered, streams, first, started
 
     def _engine_stream(self, kind, req, rendered, model, adapter, options: ResponseOptions, structured):
         prompt_logprobs = req.prompt_logprobs

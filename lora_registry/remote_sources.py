@@ -12,11 +12,13 @@ fsspec's and botocore's usual variables) and are never logged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -69,8 +71,20 @@ def checksum(folder: Path) -> str:
 class AdapterCache:
     """`<state_dir>/adapter-cache`: one folder per checksum, each complete or absent."""
 
+    # A download in progress lives in a `.partial-*` folder; one this old was left by a process that
+    # died mid-download (a node's replica SIGKILLed), as no adapter takes an hour to fetch.
+    STALE_PARTIAL_S = 3600
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._sweep_partials()
+
+    def _sweep_partials(self) -> None:
+        cutoff = time.time() - self.STALE_PARTIAL_S
+        for partial in self.root.glob(".partial-*"):
+            with contextlib.suppress(OSError):
+                if partial.stat().st_mtime < cutoff:
+                    shutil.rmtree(partial, ignore_errors=True)
 
     def fetch_new(self, url: str) -> tuple[Path, str]:
         """Download `url` (at registration) into the cache: its folder and checksum."""

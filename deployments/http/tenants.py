@@ -28,6 +28,7 @@ from serve_app.errors import AuthenticationError, PermissionDeniedError, RateLim
 class Caller:
     role: str  # "open", "api_key", "admin" or "tenant"
     key: KeyRecord | None = None
+    reserved_tokens: float = 0.0  # what the rate limiter set aside for this request (RateLimits.admit)
 
     @property
     def tenant(self) -> str | None:
@@ -107,8 +108,8 @@ class Gate:
 
 
 class _Bucket:
-    """A token bucket: `per_minute` tokens, refilled evenly. It may go below zero (tokens are charged
-    after the response, when they are known); a request is admitted while it holds `need`."""
+    """A token bucket: `per_minute` tokens, refilled evenly. It may go below zero (a prompt's tokens
+    are known only once rendered); a request is admitted while it holds `need`."""
 
     def __init__(self, per_minute: float):
         self.rate = per_minute / 60.0
@@ -131,20 +132,29 @@ class RateLimits:
         self.share = share
         self.buckets: dict[str, tuple[_Bucket | None, _Bucket | None]] = {}  # by key hash
 
-    def admit(self, key: KeyRecord) -> None:
+    def admit(self, key: KeyRecord, max_tokens: int | None = None) -> float:
+        """Admit one request or raise 429. It reserves `max_tokens` (what it may generate: many
+        requests at once cannot all overdraw the tokens/minute) up to the bucket's size, or one
+        token when the request gives no bound; `settle` charges what it really used. Returns the
+        tokens reserved."""
         requests, tokens = self._buckets(key)
-        for bucket, kind, need in ((requests, "requests", 1.0), (tokens, "tokens", 1.0)):
+        reserve = 1.0 if tokens is None else min(float(max_tokens or 1), tokens.capacity)
+        for bucket, kind, need in ((requests, "requests", 1.0), (tokens, "tokens", reserve)):
             if bucket is not None and (wait := bucket.wait_s(need)) > 0:
                 limit = key.requests_per_minute if kind == "requests" else key.tokens_per_minute
                 raise RateLimitError(kind, limit, math.ceil(wait))
         if requests is not None:
             requests.level -= 1
+        if tokens is not None:
+            tokens.level -= reserve
+        return reserve
 
-    def charge(self, key: KeyRecord, tokens: int) -> None:
+    def settle(self, key: KeyRecord, reserved: float, used: int) -> None:
+        """Charge the tokens a request used (prompt and completion) in place of its reservation."""
         _, bucket = self._buckets(key)
         if bucket is not None:
             bucket.wait_s(0)  # refill to now first
-            bucket.level -= tokens
+            bucket.level -= used - reserved
 
     def _buckets(self, key: KeyRecord) -> tuple[_Bucket | None, _Bucket | None]:
         if key.key_hash not in self.buckets:

@@ -114,7 +114,7 @@ def test_fuzz_guarded_app_with_and_without_keys(guarded_app):
 def test_tenant_keys_see_and_use_only_their_own_and_are_limited(guarded_app):
     """Keys created through the admin API: each tenant sees the base model and its own adapters
     (another's is a 404 like a name that does not exist), registers only under its prefix, meets
-    its requests/minute with 429 + Retry-After, is counted per tenant on /metrics (which then needs
+    its requests/minute and tokens/minute with 429 + Retry-After, is counted per tenant on /metrics (which then needs
     the admin key), and stops working when revoked. Runs after the tests above: keys stay on."""
     admin = httpx.Client(base_url=guarded_app, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
 
@@ -172,6 +172,13 @@ def test_tenant_keys_see_and_use_only_their_own_and_are_limited(guarded_app):
             globex_client.chat.completions.create(model="guarded", **ask)
     assert 1 <= int(limited.value.response.headers["Retry-After"]) <= 30
     assert limited.value.body["code"] == "rate_limit_exceeded"
+    # tokens/minute: a request sets aside its max_tokens when admitted, and settles what it used
+    _, initech_client = models(new_key("initech", tokens_per_minute=100))
+    long = {**ask, "max_tokens": 60, "extra_body": {"ignore_eos": True}}
+    assert initech_client.chat.completions.create(model="guarded", **long).usage.completion_tokens == 60
+    with pytest.raises(openai.RateLimitError) as over:  # 60 more would pass 100 this minute
+        initech_client.chat.completions.create(model="guarded", **long)
+    assert over.value.body["type"] == "tokens" and int(over.value.response.headers["Retry-After"]) >= 10
 
     deleted = as_acme.delete("/v1/adapters/xiao-huang")  # not its own: as if it did not exist
     assert deleted.status_code == 404
@@ -180,6 +187,7 @@ def test_tenant_keys_see_and_use_only_their_own_and_are_limited(guarded_app):
     metrics = admin.get("/metrics").text
     assert 'lorafleet_key_requests_total{key="acme-1",status="200",tenant="acme"}' in metrics
     assert 'lorafleet_key_rate_limited_total{key="globex",limit="requests",tenant="globex"} 1.0' in metrics
+    assert 'lorafleet_key_rate_limited_total{key="initech",limit="tokens",tenant="initech"} 1.0' in metrics
     assert 'lorafleet_key_tokens_total{key="acme-1",kind="completion",tenant="acme"}' in metrics
 
     listed = {k["name"]: k for k in admin.get("/v1/keys").json()["data"]}

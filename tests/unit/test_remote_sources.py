@@ -81,3 +81,18 @@ def test_a_replica_downloads_verified_files_and_refuses_changed_ones(tmp_path, s
     assert error.value.status == 502
     assert list((tmp_path / "node-3").iterdir()) == []  # nothing half-written that looks complete
     shutil.rmtree(folder)
+
+
+def test_downloads_left_by_a_dead_process_are_swept_and_live_ones_kept(tmp_path):
+    import os
+    import time
+
+    root = tmp_path / "adapter-cache"
+    stale, live = root / ".partial-dead", root / ".partial-live"
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+    hours_ago = time.time() - 2 * AdapterCache.STALE_PARTIAL_S
+    os.utime(stale, (hours_ago, hours_ago))
+    AdapterCache(root)  # as an engine replica starts
+    assert not stale.exists() and live.is_dir()

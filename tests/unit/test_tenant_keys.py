@@ -76,11 +76,29 @@ def test_requests_per_minute_then_retry_after():
 def test_tokens_are_charged_after_the_response_and_block_until_refilled():
     acme, _ = key(tpm=600)
     limits = RateLimits(share=1.0)
-    limits.admit(acme)
-    limits.charge(acme, 900)  # a long answer may overdraw; the next request waits for the refill
+    reserved = limits.admit(acme)  # no max_tokens: one token set aside
+    limits.settle(acme, reserved, 900)  # a long answer may overdraw; the next request waits for the refill
     with pytest.raises(RateLimitError) as error:
         limits.admit(acme)
     assert error.value.type == "tokens" and 25 <= int(error.value.headers["Retry-After"]) <= 31
+
+
+def test_max_tokens_are_set_aside_at_admission_and_the_rest_given_back():
+    acme, _ = key(tpm=600)
+    limits = RateLimits(share=1.0)
+    first = limits.admit(acme, max_tokens=400)
+    with pytest.raises(RateLimitError):  # in flight together, they could use 800 of 600
+        limits.admit(acme, max_tokens=400)
+    limits.settle(acme, first, 150)  # it used 150: 250 come back
+    assert limits.admit(acme, max_tokens=400) == 400
+
+
+def test_a_max_tokens_above_the_limit_needs_a_full_bucket():
+    acme, _ = key(tpm=600)
+    limits = RateLimits(share=1.0)
+    assert limits.admit(acme, max_tokens=10_000) == 600  # capped: it can still be served
+    with pytest.raises(RateLimitError):
+        limits.admit(acme, max_tokens=10_000)
 
 
 def test_each_ingress_replica_enforces_its_share():
