@@ -223,6 +223,7 @@ def test_worker_node_lost_under_load(tmp_path, postgres_server, s3_bucket):
             running = [pool.submit(stream_until_cut, client, m, streaming) for m in ["tiny-nl", "xh-s3"] * 2]
             assert streaming.wait(timeout=120)
             lose_node(worker_raylet)
+            lost_at = time.monotonic()
             outcomes = [f.result(timeout=90) for f in running]  # no hang
         assert all(o.startswith("error") for o in outcomes), outcomes
 
@@ -230,6 +231,7 @@ def test_worker_node_lost_under_load(tmp_path, postgres_server, s3_bucket):
         # PostgreSQL; the engine replica finds no local copy of the adapter and downloads it again.
         shutil.rmtree(config.registry.adapter_cache, ignore_errors=True)
         after = {model: eventually(lambda m=model: answers(m), timeout=300) for model in before}
+        print(f"node lost -> base and adapter answer again: {time.monotonic() - lost_at:.0f} s")  # pytest -s
         assert after == before
         for deployment in ("LLMServer:tiny-nl", "LoraRegistry"):
             assert raylet_of("nl", deployment) == head_raylet, deployment
