@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 from serve_app.config import AppConfig
@@ -22,8 +25,14 @@ def run_app(
         apply_serve_env()
         if not _cluster_running():
             clear_stale_haproxy()  # an earlier run killed without a shutdown may hold the ports
+            # A stopping ingress replica waits this long (Serve's default: 30 s) for load balancers
+            # in front of the cluster to stop sending it requests. The local cluster's only balancer
+            # is its own HAProxy, updated at once: Ctrl-C then takes seconds, not Serve's whole 30 s
+            # shutdown timeout. Streams still drain (graceful_shutdown_timeout_s).
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
         ray.init(address="auto" if _cluster_running() else None, log_to_driver=False)
     url = f"http://{host}:{port}{page}"
+    _stop_on_sigterm()
     try:  # Ctrl-C while the app starts stops it too, instead of leaving a half-started app behind
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_from_config(config), name="lorafleet", route_prefix="/")
@@ -36,11 +45,20 @@ def run_app(
     return url
 
 
+def _stop_on_sigterm() -> None:
+    """`kill`, `docker stop` and Kubernetes stop a process with SIGTERM: stop as Ctrl-C does (Serve
+    shut down first), instead of dying in Ray's own handler, which prints a crash report."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _names(config: AppConfig) -> list[str]:
     return [m.served_name for m in config.models] + [a for m in config.models for a in m.lora_modules]
 
 
 def _cluster_running() -> bool:
-    import os
-
     return bool(os.environ.get("RAY_ADDRESS"))
