@@ -23,7 +23,9 @@ BASE = f"http://127.0.0.1:{PORT}"
 API_KEY = "sk-test-key"
 ADMIN_KEY = "sk-admin-key"
 RAY = str(Path(sys.executable).parent / "ray")
-STATE = tempfile.mkdtemp(prefix="lorafleet-test-state-")
+# The apps' state dirs. Under xdist a worker puts its own in the run's folder (the controller set
+# LORAFLEET_TEST_RUN before starting it), which the controller removes once the cluster is stopped.
+STATE = tempfile.mkdtemp(prefix="lorafleet-test-state-", dir=os.environ.get("LORAFLEET_TEST_RUN"))
 # Engine options for tests whose subject is not the compiled model (routing, registry, failures):
 # without torch.compile a vLLM engine starts in about 25 s instead of 40 s of CPU here. The main app,
 # the offline engine of the oracle tests, the examples and the CLI keep the defaults users get.
@@ -159,6 +161,7 @@ def pytest_unconfigure(config):
             stop_shared_cluster((run_dir() / "ray-address").read_text())
     finally:
         shutil.rmtree(run_dir(), ignore_errors=True)
+        shutil.rmtree(STATE, ignore_errors=True)  # the controller's own (the only one under -n 0)
 
 
 def stop_shared_cluster(address: str) -> None:
