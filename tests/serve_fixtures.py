@@ -176,6 +176,18 @@ def stop_shared_cluster(address: str) -> None:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=180)
 
 
+def eventually(call, timeout: float):
+    """The first result of `call` that does not raise, within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -35,7 +35,7 @@ import pytest
 from serve_app.model_types import XIAO_HUANG_DIR
 from tests.postgres_server import fresh_database
 from tests.s3_server import upload_folder
-from tests.serve_fixtures import FAST_START, QUIET_RAY, free_port
+from tests.serve_fixtures import FAST_START, QUIET_RAY, eventually, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.stops_ray]
 
@@ -101,18 +101,6 @@ def raylet_of(app: str, deployment: str) -> int:
         if (p.info["cmdline"] or [""])[0].startswith(f"ray::ServeReplica:{app}:{deployment}")
     }
     return parent
-
-
-def eventually(call, timeout: float):
-    """The first result of `call` that does not raise, within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return call()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 def hf_greedy_answers(queries: list[str], adapter: Path | None = None, max_tokens: int = 24) -> list[str]:

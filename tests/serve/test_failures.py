@@ -15,7 +15,7 @@ from ray import serve
 from serve_app.app import build_from_config
 from serve_app.config import AppConfig
 from serve_app.model_types import XIAO_HUANG_DIR
-from tests.serve_fixtures import BASE, STATE
+from tests.serve_fixtures import BASE, STATE, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -34,18 +34,6 @@ def kill_actor(deployment: str) -> str:
     actor = replica_actor(deployment)
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
     return actor["name"]
-
-
-def eventually(call, timeout: float):
-    """The first result of `call` that does not raise, within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return call()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
