@@ -34,12 +34,18 @@ EXACT = [
     "xiao-huang/adapter_config.json",
 ]
 WEIGHTS = ["tiny-chat/model.safetensors", "xiao-huang/adapter_model.safetensors"]
-# Measured (closing note of issue 23): emulating another CPU's kernels (ATEN_CPU_CAPABILITY=default,
-# SSE only) moved the recorded losses by at most 9e-5 and the probes by 0.002 (base) and 0.07
-# (adapter) of their tensor's norm; a learning rate 10% higher in one phase moved that phase's
-# losses by 0.0095-0.015 and its probes by 0.28-0.58.
+# The base's tensors are compared by all their probes, the adapter's by their norms only. Adam's
+# first steps move each LoRA weight by about ±lr, the sign being that of a gradient that is near zero
+# for many of them, so another CPU's rounding flips some signs: the dot-product probes then move
+# although training is the same, while the norm stays set by the learning rate and the steps.
+# Measured against the record: emulating another CPU's kernels (ATEN_CPU_CAPABILITY=default, SSE
+# only) moved the losses by at most 9e-5 and the base's probes by 0.002 of their tensor's norm; on
+# an AMD EPYC with other CPU flags, losses 8e-5, base probes 0.004, adapter norms 0.015 (its dot
+# products 0.17). A learning rate 10% higher in the adapter's phase moved its losses by 8e-3 and
+# its norms by 0.13; in the base's phase, its losses by 0.0095-0.015 and its probes by 0.28-0.58.
 LOSS_TOLERANCE = 1e-3  # relative, per step
-PROBE_TOLERANCE = {"tiny-chat": 0.02, "xiao-huang": 0.15}  # of the tensor's norm
+BASE_PROBE_TOLERANCE = 0.02  # of the tensor's norm
+ADAPTER_NORM_TOLERANCE = 0.05  # relative
 # After the whole training weights from two machines are different minima (relative L2 distance
 # 0.36 for the base, 1.2 for the adapter, measured), so only their scale is compared: each tensor's
 # norm was within 11% (base) and 27% (adapter) of the shipped one's.
@@ -85,10 +91,13 @@ def test_first_steps_of_training_match_the_record(tmp_path):
     for phase in ("tiny-chat", "xiao-huang"):
         for step, (got, want) in enumerate(zip(trace[phase]["loss"], record[phase]["loss"], strict=True)):
             assert abs(got - want) <= LOSS_TOLERANCE * abs(want), f"{phase} step {step}: loss {got} vs {want}"
-        for name, want in record[phase]["probes"].items():
-            got = trace[phase]["probes"][name]
-            worst = max(abs(g - w) for g, w in zip(got, want, strict=True)) / want[0]
-            assert worst <= PROBE_TOLERANCE[phase], f"{phase} {name}: probes moved {worst:.4f} of its norm"
+    for name, want in record["tiny-chat"]["probes"].items():
+        got = trace["tiny-chat"]["probes"][name]
+        worst = max(abs(g - w) for g, w in zip(got, want, strict=True)) / want[0]
+        assert worst <= BASE_PROBE_TOLERANCE, f"tiny-chat {name}: probes moved {worst:.4f} of its norm"
+    for name, want in record["xiao-huang"]["probes"].items():
+        moved = abs(trace["xiao-huang"]["probes"][name][0] / want[0] - 1)
+        assert moved <= ADAPTER_NORM_TOLERANCE, f"xiao-huang {name}: its norm moved {moved:.4f}"
 
 
 @pytest.fixture(scope="module")
