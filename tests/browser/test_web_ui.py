@@ -51,17 +51,29 @@ def test_adapter_answer_streams_in(page):
     page.screenshot(path=str(ARTIFACTS / "web-ui-xiao-huang.png"), full_page=True)
 
 
+# Clicks Stop as soon as the answer shows its first text. A MutationObserver runs between the page's
+# own stream reads, so the click lands mid-answer even where a busy CPU delays the browser until the
+# whole answer has arrived (a Playwright click after a poll then found Stop disabled again).
+STOP_AT_FIRST_TEXT = """() => {
+  const observer = new MutationObserver(() => {
+    const answer = document.querySelectorAll('.msg')[1];
+    const stop = document.getElementById('stop');
+    if (answer && answer.textContent.length > 0 && !stop.disabled) { observer.disconnect(); stop.click(); }
+  });
+  observer.observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
+}"""
+
+
 def test_stop_aborts_a_long_answer_and_clear_empties_the_chat(page):
-    # tiny-base runs on the pt backend: 480 tokens take seconds, so Stop lands mid-answer
+    # tiny-base runs on the pt backend, one token per forward pass: 480 tokens take a while
     page.click("#clear")
     page.select_option("#model", "tiny-base")
     page.fill("#max-tokens", "480")
     page.check("#ignore-eos")
     page.fill("#prompt", "1, 2, 3,")
+    page.evaluate(STOP_AT_FIRST_TEXT)
     page.click("#send")
     answer = page.locator(".msg").nth(1)
-    page.wait_for_function("document.querySelectorAll('.msg')[1].textContent.length > 0")
-    page.click("#stop")
     answer.locator(".meta").wait_for(timeout=30_000)
     meta = answer.locator(".meta").inner_text()
     assert "stopped" in meta and int(meta.split()[0]) < 480, meta
@@ -69,10 +81,10 @@ def test_stop_aborts_a_long_answer_and_clear_empties_the_chat(page):
     while running("tiny-base") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert running("tiny-base") == 0  # the engine request was aborted, not left running
+    page.evaluate(STOP_AT_FIRST_TEXT)
     page.click("#regenerate")
-    page.wait_for_timeout(300)
-    page.click("#stop")
     page.locator(".msg").nth(1).locator(".meta").wait_for(timeout=30_000)
+    assert "stopped" in page.locator(".msg").nth(1).locator(".meta").inner_text()
     page.click("#clear")
     assert page.locator(".msg").count() == 0
     assert page.inner_text("#status") == "history cleared"
