@@ -192,15 +192,22 @@ def cmd_export(args: argparse.Namespace) -> None:
             "and quantize the merged checkpoint with your quantization tool."
         )
     if not args.ckpt_dir:
-        raise SystemExit("lorafleet: export needs --ckpt_dir (a PEFT adapter folder).")
-    if args.merge_lora:
+        raise SystemExit(
+            "lorafleet: export needs --ckpt_dir (a PEFT adapter folder, or a Qwen(1) checkpoint with --to_qwen2)."
+        )
+    if args.to_qwen2:
+        from serve_app.qwen1_convert import convert
+
+        out = args.output_dir or f"{args.ckpt_dir.rstrip('/')}-qwen2"
+        print(f"[export] done: {convert(args.ckpt_dir, out)} (Qwen2 layout)", flush=True)
+    elif args.merge_lora:
         exporter.merge_lora(
             args.ckpt_dir, args.output_dir, args.model_type, args.model_id_or_path, args.trust_remote_code
         )
     elif args.to_peft_format:
         exporter.copy_peft(args.ckpt_dir, args.output_dir)
     else:
-        raise SystemExit("lorafleet: say what to export: --merge_lora true or --to_peft_format true.")
+        raise SystemExit("lorafleet: say what to export: --merge_lora true, --to_peft_format true or --to_qwen2 true.")
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
@@ -302,14 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(app_ui)
     add_serve_args(app_ui)
     app_ui.set_defaults(func=cmd_app_ui)
-    export = sub.add_parser("export", help="merge a LoRA adapter into its base, or check and copy a PEFT adapter")
+    export = sub.add_parser(
+        "export",
+        help="merge a LoRA adapter into its base, check and copy a PEFT adapter, or convert a Qwen(1) checkpoint",
+    )
     export.add_argument("--ckpt_dir", required=False, help="the adapter folder")
     export.add_argument("--model_type", default=None, help="base model type (default: the adapter's base)")
     export.add_argument("--model_id_or_path", default=None, help="base checkpoint dir (default: the adapter's base)")
     export.add_argument("--merge_lora", type=str2bool, default=False)
     export.add_argument("--trust_remote_code", type=str2bool, default=None, help="run the base checkpoint's own code")
     export.add_argument("--to_peft_format", type=str2bool, default=False)
-    export.add_argument("--output_dir", default=None, help="default: CKPT_DIR-merged (or CKPT_DIR-peft)")
+    export.add_argument(
+        "--to_qwen2",
+        type=str2bool,
+        default=False,
+        help="convert a Qwen(1) checkpoint (qwen-7b-chat) to the Qwen2 layout vLLM serves",
+    )
+    export.add_argument("--output_dir", default=None, help="default: CKPT_DIR-merged (or -peft, -qwen2)")
     export.add_argument("--quant_bits", type=int, default=0, help="not supported yet")
     export.set_defaults(func=cmd_export)
     add_keys_parser(sub)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve_app.errors import ConfigError
+from serve_app.qwen1_convert import servable_dir
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_CHAT_DIR = ASSETS / "tiny-chat"
@@ -38,6 +39,7 @@ class ModelInfo:
     generation: dict = field(default_factory=dict)
     trust_remote_code: bool = False  # the checkpoint ships its own model/tokenizer code (auto_map)
     tool_call_format: str | None = None  # how its chat template writes tool calls (deployments/http/tool_calls.py)
+    qwen1_layout: bool = False  # a Qwen(1) checkpoint, served after conversion (serve_app/qwen1_convert.py)
 
 
 _SAMPLING = dict(max_new_tokens=2048, temperature=0.3, top_p=0.7, top_k=20, repetition_penalty=1.05)
@@ -45,9 +47,9 @@ _SAMPLING = dict(max_new_tokens=2048, temperature=0.3, top_p=0.7, top_k=20, repe
 MODELS: dict[str, ModelInfo] = {
     info.model_type: info
     for info in [
-        ModelInfo("qwen-7b-chat", "Qwen/Qwen-7B-Chat", "qwen", generation=_SAMPLING, trust_remote_code=True),
+        ModelInfo("qwen-7b-chat", "Qwen/Qwen-7B-Chat", "qwen", generation=_SAMPLING, qwen1_layout=True),
         ModelInfo(
-            "qwen-7b", "Qwen/Qwen-7B", "default-generation", is_chat=False, generation=_SAMPLING, trust_remote_code=True
+            "qwen-7b", "Qwen/Qwen-7B", "default-generation", is_chat=False, generation=_SAMPLING, qwen1_layout=True
         ),
         ModelInfo("chatglm3-6b", "THUDM/chatglm3-6b", "chatglm3", generation=_SAMPLING, trust_remote_code=True),
         ModelInfo("yi-6b-chat", "01-ai/Yi-6B-Chat", "chatml", generation=_SAMPLING),
@@ -121,7 +123,7 @@ def resolve_model_dir(model_type: str | None, model_id_or_path: str | None) -> s
                     "model folder (config.json, tokenizer, weights).",
                     param="model_id_or_path",
                 )
-            return str(path.resolve())
+            return servable_dir(str(path.resolve()))
         if model_id_or_path.startswith((".", "/", "~")) or model_id_or_path.count("/") != 1:
             raise ConfigError(
                 f"checkpoint dir '{model_id_or_path}' does not exist; check the path (or pass a hub id 'org/name').",
@@ -130,7 +132,23 @@ def resolve_model_dir(model_type: str | None, model_id_or_path: str | None) -> s
         return model_id_or_path
     if not model_type:
         raise ConfigError("give model_type or model_id_or_path.", param="model_type")
-    return get_model_info(model_type).hub_id
+    info = get_model_info(model_type)
+    if info.qwen1_layout:  # vLLM cannot load the hub's folder as it is: fetch it and convert it
+        return servable_dir(_download(info.hub_id))
+    return info.hub_id
+
+
+def _download(hub_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(hub_id)
+    except Exception as e:  # offline, no access, unknown id: each its own huggingface_hub error
+        raise ConfigError(
+            f"cannot download {hub_id} ({type(e).__name__}: {e}); download it yourself and pass "
+            "model_id_or_path=LOCAL_DIR (CLI --model_id_or_path).",
+            param="model_id_or_path",
+        ) from None
 
 
 # Where checkpoints' configs state their context length (the keys vLLM reads too).
