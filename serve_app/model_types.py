@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve_app.errors import ConfigError
-from serve_app.qwen1_convert import servable_dir
+from serve_app.qwen1_convert import is_qwen1, servable_dir
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_CHAT_DIR = ASSETS / "tiny-chat"
@@ -96,7 +96,7 @@ def trusts_remote_code(model_type: str | None, asked: bool | None = None) -> boo
 def check_remote_code(model_dir: str, trust_remote_code: bool) -> None:
     """A local checkpoint that ships its own code (`auto_map`) loads only when trusted: say so up front,
     instead of transformers' interactive prompt or a failure deep inside the engine."""
-    if trust_remote_code or not Path(model_dir).is_dir():
+    if trust_remote_code or not Path(model_dir).is_dir() or is_qwen1(model_dir):  # converted: its code never runs
         return
     for name in ("config.json", "tokenizer_config.json"):
         path = Path(model_dir) / name

@@ -105,3 +105,11 @@ def test_bad_checkpoints_get_clear_errors_and_leave_nothing(qwen1_dir, tmp_path)
     (broken / "qwen.tiktoken").unlink()
     with pytest.raises(ConfigError, match="has no qwen.tiktoken"):
         convert(broken, tmp_path / "out")
+
+
+def test_a_served_config_accepts_it_without_trusting_its_code(qwen1_dir):
+    # its auto_map names code that never runs: the converted checkpoint is what gets loaded
+    from serve_app.config import ModelConfig
+
+    model = ModelConfig(model_type="qwen-7b-chat", model_id_or_path=str(qwen1_dir))
+    assert model.engine.trust_remote_code is False
