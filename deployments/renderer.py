@@ -73,6 +73,7 @@ class _ModelTemplate:
     tokenizer: object
     named: bool
     max_model_len: int
+    default_system: str | None = None  # for chats that send no system message (the config's)
 
     @classmethod
     def load(cls, model: ModelConfig) -> _ModelTemplate:
@@ -94,7 +95,8 @@ class _ModelTemplate:
             else "jinja"
         )
         max_len = context_length(path, model.engine.max_model_len, bool(remote_code))
-        return cls(get_template(template_type, tokenizer), tokenizer, template_type != "jinja", max_len)
+        template = get_template(template_type, tokenizer, default_system=model.default_system)
+        return cls(template, tokenizer, template_type != "jinja", max_len, model.default_system)
 
     def render(self, request: RenderRequest) -> RenderedPrompt:
         if request.messages is not None:
@@ -118,6 +120,8 @@ class _ModelTemplate:
 
     def _chat_text(self, request: RenderRequest) -> str:
         messages = list(request.messages)
+        if self.default_system is not None and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.default_system})
         own = adapter_chat_template(request.adapter) if request.adapter else None
         if self.named and own is None:
             text = self._named_template_text(request, messages)

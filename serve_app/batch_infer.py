@@ -32,17 +32,31 @@ def read_records(path: str) -> list[dict]:
     return records
 
 
-def dataset_from_ckpt(ckpt_dir: str | None) -> str | None:
-    """With --load_dataset_config true: the validation set named in CKPT_DIR/sft_args.json (ms-swift)."""
-    args_file = Path(ckpt_dir or "", "sft_args.json")
-    if not ckpt_dir or not args_file.is_file():
-        return None
-    args = json.loads(args_file.read_text())
-    for key in ("val_dataset", "dataset"):
-        for item in args.get(key) or []:
-            if Path(item).is_file():
-                return item
-    return None
+def dataset_from_ckpt(ckpt_dir: str | None) -> str:
+    """With --load_dataset_config true: the validation set of CKPT_DIR/sft_args.json (ms-swift), when
+    it is a local file; otherwise an error that says why, never a silent switch to the chat."""
+    from serve_app.swift_checkpoint import read_sft_args
+
+    trained = read_sft_args(ckpt_dir)
+    if not trained:
+        raise ConfigError(
+            f"--load_dataset_config true: no sft_args.json in '{ckpt_dir}' (or its parent); pass --dataset FILE."
+        )
+    named = trained.get("val_dataset") or []
+    local = [item for item in named if Path(item).is_file()]
+    if named and len(local) == len(named) == 1:
+        return local[0]
+    if named:
+        missing = [item for item in named if item not in local]
+        raise ConfigError(
+            f"--load_dataset_config true: the validation set {named} of sft_args.json must be one local JSONL file "
+            f"(not found here: {missing}); pass --dataset FILE."
+        )
+    raise ConfigError(
+        f"--load_dataset_config true: sft_args.json names no val_dataset; training held out dataset_test_ratio="
+        f"{trained.get('dataset_test_ratio')} of {trained.get('dataset')} with its own random split, which lorafleet "
+        "does not reproduce; pass --dataset FILE with your validation records."
+    )
 
 
 def default_result_path(dataset: str) -> str:

@@ -51,14 +51,14 @@ def build_chat_session(args: argparse.Namespace, choice) -> ChatSession:
         )
     engine = _start_engine(args, choice)
     _apply_generation_flags(engine, args)
-    template_type = args.template_type or _template_type(choice)
+    template_type = choice.template_type or _template_type(choice)
     template = get_template(template_type, engine.hf_tokenizer)
     adapter = None
     if choice.adapters:
         name, path = next(iter(choice.adapters.items()))
         adapter = engine.adapter_ref(AdapterRef(name, 1, path))
         print(f"[lorafleet] answering with adapter '{name}' ({path})")
-    return ChatSession(engine, template, adapter, args.system)
+    return ChatSession(engine, template, adapter, choice.system)
 
 
 def _start_engine(args, choice) -> OfflineEngine:

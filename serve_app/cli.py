@@ -7,11 +7,11 @@ import json
 import sys
 import types
 import typing
-from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from serve_app.errors import LorafleetError
+from serve_app.swift_checkpoint import ModelChoice, resolve_model_choice
 
 
 def str2bool(text: str) -> bool:
@@ -29,6 +29,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model_id_or_path", default=None, help="a local checkpoint dir (or hub id)")
     group.add_argument("--ckpt_dir", default=None, help="a checkpoint dir, or a PEFT adapter dir (served on its base)")
     group.add_argument("--template_type", default=None, help="override the template (e.g. jinja)")
+    group.add_argument(
+        "--system", default=None, help="system prompt for chats that send none (default: the template's)"
+    )
+    group.add_argument(
+        "--merge_lora",
+        type=str2bool,
+        default=False,
+        help="merge the --ckpt_dir adapter into its base first and serve the result (kept in CKPT_DIR-merged)",
+    )
     group.add_argument("--infer_backend", choices=["vllm", "pt"], default="vllm")
     group.add_argument("--lora_modules", nargs="*", default=[], metavar="NAME=PATH")
     add_engine_args(parser.add_argument_group("engine (serve_config.yaml's engine:)"))
@@ -82,45 +91,6 @@ def engine_options_from_args(args: argparse.Namespace, choice: ModelChoice):
     return EngineOptions(**given)
 
 
-@dataclass(frozen=True)
-class ModelChoice:
-    """What the model flags resolve to: the base checkpoint and the adapters to serve on it."""
-
-    model_type: str | None
-    model_id_or_path: str | None
-    adapters: dict[str, str]
-
-
-def resolve_model_choice(args: argparse.Namespace) -> ModelChoice:
-    """Apply ms-swift's rules: `--ckpt_dir` of an adapter means its base plus `default-lora`."""
-    from lora_registry.adapter_files import inspect_adapter, is_peft_adapter
-    from serve_app.model_types import MODELS
-
-    adapters = parse_lora_modules(args.lora_modules)
-    model_type, path = args.model_type, args.model_id_or_path
-    if args.ckpt_dir and is_peft_adapter(args.ckpt_dir):
-        info = inspect_adapter(args.ckpt_dir)
-        adapters = {"default-lora": info.path, **adapters}
-        if model_type is None and path is None:
-            base = info.base_model_name_or_path
-            model_type, path = (base, None) if base in MODELS else (None, base)
-    elif args.ckpt_dir:
-        path = args.ckpt_dir
-    if model_type is None and path is None:
-        model_type = "tiny-chat"
-    return ModelChoice(model_type, path, adapters)
-
-
-def parse_lora_modules(items: list[str]) -> dict[str, str]:
-    adapters = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--lora_modules takes NAME=PATH pairs, got '{item}' (e.g. xiao-huang=/path/to/adapter)")
-        adapters[name] = path
-    return adapters
-
-
 def cmd_infer(args: argparse.Namespace) -> None:
     from serve_app.batch_infer import dataset_from_ckpt, run_batch
     from serve_app.chat_session import build_chat_session
@@ -156,7 +126,8 @@ def config_from_args(args: argparse.Namespace):
         name=args.served_model_name,
         model_type=choice.model_type,
         model_id_or_path=choice.model_id_or_path,
-        template_type=args.template_type,
+        template_type=choice.template_type,
+        default_system=choice.system,
         infer_backend=args.infer_backend,
         engine=engine,
         lora_modules=choice.adapters,
@@ -285,7 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     infer = sub.add_parser("infer", help="chat with a model in the terminal")
     add_model_args(infer)
-    infer.add_argument("--system", default=None, help="system prompt (default: the template's)")
     infer.add_argument("--max_new_tokens", type=int, default=None)
     infer.add_argument("--temperature", type=float, default=None)
     infer.add_argument("--top_p", type=float, default=None)

@@ -189,6 +189,9 @@ class ModelConfig(Strict):
         description="a named (ms-swift) template; default: the checkpoint's own chat template when its tokenizer "
         "has one, else the model type's",
     )
+    default_system: str | None = Field(
+        None, description="the system prompt of chats that send none (ms-swift's --system); default: the template's"
+    )
     tool_call_format: Literal["hermes", "llama3_json"] | None = Field(
         None, description="how the model writes tool calls (hermes: Qwen2/2.5; llama3_json); default: the model type's"
     )

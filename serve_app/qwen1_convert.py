@@ -16,17 +16,15 @@ the converted model's `max_position_embeddings`.
 from __future__ import annotations
 
 import base64
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from serve_app.errors import ConfigError
+from serve_app.folders import complete_or_nothing
 
 ARCHITECTURE = "QWenLMHeadModel"
 TIKTOKEN_FILE = "qwen.tiktoken"
@@ -77,20 +75,11 @@ def convert(src: str | Path, out: str | Path) -> Path:
         raise ConfigError(f"'{src}' is not a Qwen(1) checkpoint (config.json architectures is not [{ARCHITECTURE}]).")
     if not (src / TIKTOKEN_FILE).is_file():
         raise ConfigError(f"'{src}' has no {TIKTOKEN_FILE}: a Qwen(1) checkpoint's vocabulary is needed to convert it.")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"'{out}' exists and is not empty; choose another --output_dir.", param="output_dir")
     config = json.loads((src / "config.json").read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with complete_or_nothing(out) as partial:  # a reader sees the whole folder or none of it
         tokenizer = write_tokenizer(src / TIKTOKEN_FILE, config["vocab_size"], partial)
         dtype = write_weights(src, partial)
         write_configs(src, config, tokenizer, dtype, partial)
-        with contextlib.suppress(FileNotFoundError):
-            out.rmdir()  # an empty folder the user made
-        os.replace(partial, out)  # a reader sees the whole folder or none of it
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 

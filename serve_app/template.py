@@ -241,6 +241,10 @@ class TemplateType:
     jinja = "jinja"
 
 
+def known_template_types() -> list[str]:
+    return sorted(_TEMPLATES)
+
+
 def get_template(template_type: str, tokenizer: Any, default_system: str | None = None, **_: Any) -> Template:
     """The template named `template_type`, bound to `tokenizer`."""
     if template_type not in _TEMPLATES:
