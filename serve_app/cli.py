@@ -7,6 +7,7 @@ import json
 import sys
 import types
 import typing
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -158,13 +159,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     from serve_app import exporter
 
     if args.quant_bits:
-        raise SystemExit(
-            f"lorafleet: --quant_bits {args.quant_bits} is not supported yet; export with --merge_lora true "
-            "and quantize the merged checkpoint with your quantization tool."
-        )
+        return export_quantized(args)
     if not args.ckpt_dir:
         raise SystemExit(
-            "lorafleet: export needs --ckpt_dir (a PEFT adapter folder, or a Qwen(1) checkpoint with --to_qwen2)."
+            "lorafleet: export needs --ckpt_dir (a PEFT adapter folder, or a Qwen(1) checkpoint with --to_qwen2), "
+            "or --quant_bits with --model_type."
         )
     if args.to_qwen2:
         from serve_app.qwen1_convert import convert
@@ -179,6 +178,32 @@ def cmd_export(args: argparse.Namespace) -> None:
         exporter.copy_peft(args.ckpt_dir, args.output_dir)
     else:
         raise SystemExit("lorafleet: say what to export: --merge_lora true, --to_peft_format true or --to_qwen2 true.")
+
+
+def export_quantized(args: argparse.Namespace) -> None:
+    """`--quant_bits N`: quantize --model_type / --model_id_or_path, a full --ckpt_dir, or an adapter
+    --ckpt_dir merged first (--merge_lora true), into `<source>-<method>-int<N>` as ms-swift names it."""
+    from lora_registry.adapter_files import is_peft_adapter
+    from serve_app import quantize
+    from serve_app.model_types import resolve_model_dir, trusts_remote_code
+    from serve_app.swift_checkpoint import merged_checkpoint, peft_form
+
+    method = quantize.check_request(args.quant_bits, args.quant_method)  # before any work
+    remote_code = trusts_remote_code(args.model_type, args.trust_remote_code)
+    ckpt = peft_form(args.ckpt_dir) if args.ckpt_dir else None
+    if ckpt and is_peft_adapter(ckpt):
+        if not args.merge_lora:
+            raise SystemExit("lorafleet: --ckpt_dir is a LoRA adapter; quantize it merged: add --merge_lora true.")
+        source = merged_checkpoint(ckpt, args.model_type, args.model_id_or_path, args.trust_remote_code)
+        stem = args.ckpt_dir
+    elif args.ckpt_dir:
+        source, stem = resolve_model_dir(None, args.ckpt_dir), args.ckpt_dir
+    else:
+        source = resolve_model_dir(args.model_type or "tiny-chat", args.model_id_or_path)
+        stem = args.model_type or Path(args.model_id_or_path).name  # in the current folder, as ms-swift does
+    out = Path(args.output_dir) if args.output_dir else quantize.output_dir(stem, args.quant_bits, method)
+    quantize.quantize(source, out, args.quant_bits, method, args.dataset, remote_code)
+    print(f"[export] done: {out} ({method} int{args.quant_bits}, compressed-tensors)", flush=True)
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
@@ -296,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a Qwen(1) checkpoint (qwen-7b-chat) to the Qwen2 layout vLLM serves",
     )
     export.add_argument("--output_dir", default=None, help="default: CKPT_DIR-merged (or -peft, -qwen2)")
-    export.add_argument("--quant_bits", type=int, default=0, help="not supported yet")
+    export.add_argument("--quant_bits", type=int, default=0, help="quantize to 4 or 8 bits (GPTQ, compressed-tensors)")
+    export.add_argument("--quant_method", default="gptq", help="gptq (the method lorafleet runs)")
+    export.add_argument(
+        "--dataset", default=None, help="calibration JSONL of {query, response?} (default: shipped texts)"
+    )
     export.set_defaults(func=cmd_export)
     add_keys_parser(sub)
     return parser

@@ -19,6 +19,7 @@ def complete_or_nothing(out: Path):
         raise ConfigError(f"'{out}' exists and is not empty; choose another --output_dir.", param="output_dir")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    partial.chmod(0o755)  # mkdtemp's 0700 would keep the export from other users of a shared folder
     try:
         yield partial
         with contextlib.suppress(FileNotFoundError):
