@@ -4,6 +4,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from serve_app.tiny_chat.corpus import ADAPTER_CHATS, BASE_CHATS
 from tests.serve_fixtures import FAST_START
 
 pytestmark = pytest.mark.slow
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 AGREEMENT = 0.9  # measured: 31 of 31 chats (int4, through vLLM on the CPU and through transformers)
 
 
@@ -32,8 +34,10 @@ def answers(engine, chats) -> list[str]:
     ]
 
 
-def test_int4_tiny_chat_is_served_by_vllm_and_answers_like_bf16(vllm_engine, tmp_path):
-    done = lorafleet("--model_type", "tiny-chat", "--quant_bits", "4", "--quant_method", "gptq", cwd=tmp_path)
+def test_readme_int4_tiny_chat_is_served_by_vllm_and_answers_like_bf16(vllm_engine, tmp_path):
+    [line] = [line for line in README.splitlines() if "--quant_bits 4 --quant_method gptq" in line]  # as written
+    command = line.split("#")[0].replace(".venv/bin/lorafleet", str(Path(sys.executable).with_name("lorafleet")))
+    done = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "tiny-chat-gptq-int4"  # ms-swift's name, in the current folder
     assert f"[export] done: {out.name}" in done.stdout and "gptq: 100%" in done.stderr  # its progress bar
