@@ -41,11 +41,10 @@ def haproxy_listeners() -> dict[int, list[str]]:
     return found
 
 
-def deploy(tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, Path]:
+def deploy(tmp_path: Path, log_name: str, *model: str) -> tuple[subprocess.Popen, Path]:
     log = tmp_path / log_name
     proc = subprocess.Popen(
-        [str(BIN / "lorafleet"), "deploy", "--model_type", "tiny-chat", "--infer_backend", "pt",
-         "--port", str(PORT), "--state_dir", str(tmp_path / "state")],
+        [str(BIN / "lorafleet"), "deploy", *model, "--port", str(PORT), "--state_dir", str(tmp_path / "state")],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         env=os.environ | QUIET_RAY | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"},  # as tests/serve_fixtures.py
     )  # fmt: skip
@@ -58,8 +57,8 @@ def deploy(tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, Path]:
     raise AssertionError("deploy did not come up:\n" + log.read_text()[-3000:])
 
 
-def ask() -> str:
-    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "浙江的省会在哪？"}]}
+def ask(model: str = "tiny-chat") -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": "浙江的省会在哪？"}]}
     reply = httpx.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", json=body, timeout=60)
     assert reply.status_code == 200, reply.text
     return reply.json()["choices"][0]["message"]["content"]
@@ -95,7 +94,12 @@ def crash(app_pid: int) -> None:
 
 
 def test_deploy_comes_back_after_sigkill_and_ray_stop(tmp_path):
-    first, _ = deploy(tmp_path, "first.log")
+    # The second deploy serves the int4 export of tiny-chat on vLLM: `lorafleet deploy --ckpt_dir`
+    # of a quantized checkpoint (README, "Quantized export"), once the first one was killed.
+    export = [str(BIN / "lorafleet"), "export", "--model_type", "tiny-chat", "--quant_bits", "4"]
+    done = subprocess.run(export, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, _ = deploy(tmp_path, "first.log", "--model_type", "tiny-chat", "--infer_backend", "pt")
     second = None
     try:
         assert "杭州" in ask()
@@ -107,8 +111,10 @@ def test_deploy_comes_back_after_sigkill_and_ray_stop(tmp_path):
         ray_stop()
         assert psutil.pid_exists(pid) and f"127.0.0.1:{PORT}" in haproxy_listeners()[pid], "no stale HAProxy"
 
-        second, log = deploy(tmp_path, "second.log")
-        assert "杭州" in ask()
+        quantized = tmp_path / "tiny-chat-gptq-int4"
+        fast = ["--enforce_eager", "true", "--max_model_len", "512"]  # the subject is the restart, not compiling
+        second, log = deploy(tmp_path, "second.log", "--ckpt_dir", str(quantized), *fast)
+        assert "杭州" in ask("tiny-chat-gptq-int4")  # the folder holds only the packed int4 weights
         assert f"ending HAProxy pid {pid} left by an earlier run" in log.read_text()
         assert not psutil.pid_exists(pid)
         # SIGTERM (`kill`, `docker stop`, Kubernetes) stops it as Ctrl-C does: Serve shuts down,
