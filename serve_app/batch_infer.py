@@ -16,6 +16,8 @@ BATCH = 16
 
 
 def read_records(path: str) -> list[dict]:
+    if not Path(path).is_file():
+        raise ConfigError(f"dataset '{path}' does not exist; give a JSONL file of {{query, response?}} records.")
     records = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

@@ -171,8 +171,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         out = args.output_dir or f"{args.ckpt_dir.rstrip('/')}-qwen2"
         print(f"[export] done: {convert(args.ckpt_dir, out)} (Qwen2 layout)", flush=True)
     elif args.merge_lora:
+        from serve_app.swift_checkpoint import peft_form
+
+        output_dir = args.output_dir or f"{args.ckpt_dir.rstrip('/')}-merged"
         exporter.merge_lora(
-            args.ckpt_dir, args.output_dir, args.model_type, args.model_id_or_path, args.trust_remote_code
+            peft_form(args.ckpt_dir), output_dir, args.model_type, args.model_id_or_path, args.trust_remote_code
         )
     elif args.to_peft_format:
         exporter.copy_peft(args.ckpt_dir, args.output_dir)
@@ -184,17 +187,18 @@ def export_quantized(args: argparse.Namespace) -> None:
     """`--quant_bits N`: quantize --model_type / --model_id_or_path, a full --ckpt_dir, or an adapter
     --ckpt_dir merged first (--merge_lora true), into `<source>-<method>-int<N>` as ms-swift names it."""
     from lora_registry.adapter_files import is_peft_adapter
-    from serve_app import quantize
+    from serve_app import exporter, quantize
     from serve_app.model_types import resolve_model_dir, trusts_remote_code
     from serve_app.swift_checkpoint import merged_checkpoint, peft_form
 
     method = quantize.check_request(args.quant_bits, args.quant_method)  # before any work
     remote_code = trusts_remote_code(args.model_type, args.trust_remote_code)
-    ckpt = peft_form(args.ckpt_dir) if args.ckpt_dir else None
-    if ckpt and is_peft_adapter(ckpt):
-        if not args.merge_lora:
-            raise SystemExit("lorafleet: --ckpt_dir is a LoRA adapter; quantize it merged: add --merge_lora true.")
-        source = merged_checkpoint(ckpt, args.model_type, args.model_id_or_path, args.trust_remote_code)
+    adapter = args.ckpt_dir and (is_peft_adapter(args.ckpt_dir) or exporter.swift_lora_dir(args.ckpt_dir))
+    if adapter and not args.merge_lora:
+        raise SystemExit("lorafleet: --ckpt_dir is a LoRA adapter; quantize it merged: add --merge_lora true.")
+    if adapter:
+        ckpt = peft_form(args.ckpt_dir)
+        source = merged_checkpoint(ckpt, args.model_type, args.model_id_or_path, args.trust_remote_code, args.ckpt_dir)
         stem = args.ckpt_dir
     elif args.ckpt_dir:
         source, stem = resolve_model_dir(None, args.ckpt_dir), args.ckpt_dir

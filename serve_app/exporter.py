@@ -8,19 +8,21 @@ from pathlib import Path
 
 from lora_registry.adapter_files import inspect_adapter, is_peft_adapter
 from serve_app.errors import ConfigError
-from serve_app.folders import complete_or_nothing
-from serve_app.model_types import MODELS, check_remote_code, resolve_model_dir, trusts_remote_code
+from serve_app.folders import check_free, complete_or_nothing
+from serve_app.model_types import check_remote_code, resolve_model_dir, trusts_remote_code
 
 
 def base_dir_for(adapter_path: str, model_type: str | None, model_id_or_path: str | None) -> str:
-    """The base checkpoint: given explicitly, or named by the adapter's base_model_name_or_path."""
+    """The base checkpoint: given explicitly, or named by the adapter (its sft_args.json, else its
+    base_model_name_or_path)."""
+    from serve_app.swift_checkpoint import adapter_base, read_sft_args
+
     if model_type or model_id_or_path:
         return resolve_model_dir(model_type, model_id_or_path)
     base = inspect_adapter(adapter_path).base_model_name_or_path
-    if base in MODELS:
-        return resolve_model_dir(base, None)
-    if base and Path(base).is_dir():
-        return resolve_model_dir(None, base)
+    base_type, base_path = adapter_base(base, read_sft_args(adapter_path))
+    if base_type or (base_path and Path(base_path).is_dir()):
+        return resolve_model_dir(base_type, base_path)
     raise ConfigError(
         f"cannot tell the base model of '{adapter_path}' (base_model_name_or_path={base!r}); "
         "pass --model_type or --model_id_or_path."
@@ -38,12 +40,13 @@ def merge_lora(
     template, generation config) that vLLM and transformers load like any model."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not is_peft_adapter(adapter_path):
         raise ConfigError(f"'{adapter_path}' is not a PEFT adapter (no adapter_config.json); nothing to merge.")
     base = base_dir_for(adapter_path, model_type, model_id_or_path)
     out = Path(output_dir) if output_dir else Path(f"{str(Path(adapter_path)).rstrip('/')}-merged")
+    check_free(out)
     print(f"[export] base {base}\n[export] adapter {adapter_path}", flush=True)
     remote_code = trusts_remote_code(model_type, trust_remote_code)
     check_remote_code(base, remote_code)
@@ -51,17 +54,36 @@ def merge_lora(
         base, dtype=torch.float32, trust_remote_code=remote_code
     )
     saved_dtype = _checkpoint_dtype(base)
-    merged = PeftModel.from_pretrained(model, adapter_path).merge_and_unload(progressbar=True)
+    try:
+        merged = PeftModel.from_pretrained(model, adapter_path).merge_and_unload(progressbar=True)
+    except ValueError as e:  # peft: the adapter's target modules are not in this base
+        raise ConfigError(f"the adapter '{adapter_path}' does not fit the base '{base}': {e}") from None
     print(f"[export] writing {out}", flush=True)
     with complete_or_nothing(out) as partial:
         merged.to(saved_dtype).save_pretrained(partial)
         AutoTokenizer.from_pretrained(base, trust_remote_code=remote_code).save_pretrained(partial)
-        try:
-            GenerationConfig.from_pretrained(base).save_pretrained(partial)
-        except OSError:
-            pass  # the base has no generation_config.json
+        copy_generation_config(base, partial)
+        _copy_sft_args(adapter_path, partial)
     print(f"[export] done: {out}", flush=True)
     return out
+
+
+def copy_generation_config(src: str, out: Path) -> None:
+    from transformers import GenerationConfig
+
+    try:
+        GenerationConfig.from_pretrained(src).save_pretrained(out)
+    except OSError:
+        pass  # the checkpoint has no generation_config.json
+
+
+def _copy_sft_args(adapter_path: str, out: Path) -> None:
+    """ms-swift's training arguments go with the merge (as ms-swift's own merge does), marked as a
+    full checkpoint, so `--ckpt_dir MERGED --load_dataset_config true` finds them."""
+    from serve_app.swift_checkpoint import read_sft_args
+
+    if trained := read_sft_args(adapter_path):
+        (out / "sft_args.json").write_text(json.dumps({**trained, "sft_type": "full"}, indent=2), encoding="utf-8")
 
 
 def copy_peft(adapter_path: str, output_dir: str | None = None) -> Path:
@@ -77,7 +99,8 @@ def copy_peft(adapter_path: str, output_dir: str | None = None) -> Path:
         )
         return out
     info = inspect_adapter(adapter_path)  # raises with what is missing
-    shutil.copytree(info.path, out, dirs_exist_ok=True)
+    with complete_or_nothing(out) as partial:
+        shutil.copytree(info.path, partial, dirs_exist_ok=True)
     print(f"[export] {adapter_path} is a valid PEFT LoRA adapter (rank {info.rank}); copied to {out}", flush=True)
     return out
 

@@ -77,7 +77,7 @@ def convert(src: str | Path, out: str | Path) -> Path:
         raise ConfigError(f"'{src}' has no {TIKTOKEN_FILE}: a Qwen(1) checkpoint's vocabulary is needed to convert it.")
     config = json.loads((src / "config.json").read_text())
     with complete_or_nothing(out) as partial:  # a reader sees the whole folder or none of it
-        tokenizer = write_tokenizer(src / TIKTOKEN_FILE, config["vocab_size"], partial)
+        tokenizer = write_tokenizer(src / TIKTOKEN_FILE, config["vocab_size"], partial, chatml=is_chat(src))
         dtype = write_weights(src, partial)
         write_configs(src, config, tokenizer, dtype, partial)
     return out
@@ -119,7 +119,14 @@ def merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     return parts[0], parts[1]
 
 
-def write_tokenizer(tiktoken_file: Path, vocab_size: int, out: Path):
+def is_chat(src: Path) -> bool:
+    """Qwen(1) marks its chat checkpoints in generation_config.json (`chat_format: chatml`; the base
+    model's is `raw`): only those get a chat template, so a base model is not chatted with."""
+    path = src / "generation_config.json"
+    return path.is_file() and json.loads(path.read_text()).get("chat_format") == "chatml"
+
+
+def write_tokenizer(tiktoken_file: Path, vocab_size: int, out: Path, chatml: bool):
     """The tiktoken vocabulary as a byte-level BPE `tokenizer.json` with the same ids."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -147,7 +154,10 @@ def write_tokenizer(tiktoken_file: Path, vocab_size: int, out: Path):
     specials = [t for i, t in enumerate(SPECIAL_TOKENS) if len(ranks) + i < vocab_size]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE if chatml else None,
     )
     tokenizer.save_pretrained(out)
     return tokenizer
@@ -209,24 +219,34 @@ def source_tensors(src: Path) -> Iterator[tuple[str, object]]:
 
 
 def write_weights(src: Path, out: Path) -> str:
-    """Converted tensors in safetensors shards of at most SHARD_BYTES; returns their dtype."""
+    """Converted tensors in safetensors shards of at most SHARD_BYTES, each written as it fills
+    (one shard in memory at a time); returns their dtype."""
     from safetensors.torch import save_file
 
-    shard, shard_bytes, weight_map, shards, dtype = {}, 0, {}, [], None
+    shard, shard_bytes, files, weight_map, dtype = {}, 0, [], {}, None
+
+    def flush():
+        files.append(out / f"shard-{len(files) + 1}.safetensors")
+        save_file(shard, files[-1], metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, len(files) - 1))
+
     for name, tensor in source_tensors(src):
         for new_name, new in qwen2_tensors(name, tensor):
             if shard and shard_bytes + new.nbytes > SHARD_BYTES:
-                shards.append(shard)
+                flush()
                 shard, shard_bytes = {}, 0
             shard[new_name], shard_bytes = new, shard_bytes + new.nbytes
             dtype = dtype or str(new.dtype).removeprefix("torch.")
-    shards.append(shard)
-    for i, tensors in enumerate(shards, 1):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, out / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-    if len(shards) > 1:
-        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+    flush()
+    names = (
+        ["model.safetensors"]
+        if len(files) == 1
+        else [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    )
+    for file, name in zip(files, names, strict=True):
+        file.rename(out / name)
+    if len(files) > 1:
+        index = {"metadata": {}, "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return dtype or "bfloat16"
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve_app.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelChoice:
@@ -25,9 +27,32 @@ def read_sft_args(ckpt_dir: str | None) -> dict:
     if not ckpt_dir:
         return {}
     for folder in (Path(ckpt_dir), Path(ckpt_dir).parent):
-        if (folder / "sft_args.json").is_file():
-            return json.loads((folder / "sft_args.json").read_text(encoding="utf-8"))
+        path = folder / "sft_args.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
     return {}
+
+
+def _local_dir(path: str | None) -> str | None:
+    return path if path and Path(path).is_dir() else None
+
+
+def adapter_base(base_name: str | None, trained: dict) -> tuple[str | None, str | None]:
+    """(model_type, model_id_or_path) of an adapter's base: a local folder that sft_args.json or the
+    adapter names (ms-swift records its download folder) wins over a download; sft_args.json's model
+    type names it, else the adapter's base name when it is a model type, else that name as a path or
+    hub id."""
+    from serve_app.model_types import MODELS
+
+    local = _local_dir(trained.get("model_id_or_path")) or _local_dir(base_name)
+    if trained.get("model_type") in MODELS:
+        return trained["model_type"], local
+    if base_name in MODELS:
+        return base_name, local
+    return None, local or base_name
 
 
 def resolve_model_choice(args) -> ModelChoice:
@@ -41,17 +66,13 @@ def resolve_model_choice(args) -> ModelChoice:
     model_type, path = args.model_type, args.model_id_or_path
     trained = read_sft_args(args.ckpt_dir)
     trained_type = trained.get("model_type") if trained.get("model_type") in MODELS else None
-    trained_path = trained.get("model_id_or_path") if Path(trained.get("model_id_or_path") or "\0").is_dir() else None
     ckpt_dir = peft_form(args.ckpt_dir) if args.ckpt_dir else None
     if ckpt_dir and is_peft_adapter(ckpt_dir):
         info = inspect_adapter(ckpt_dir)
         if model_type is None and path is None:
-            base = info.base_model_name_or_path
-            model_type, path = (
-                (trained_type, trained_path) if trained_type else (base, None) if base in MODELS else (None, base)
-            )
+            model_type, path = adapter_base(info.base_model_name_or_path, trained)
         if getattr(args, "merge_lora", False):
-            path = merged_checkpoint(info.path, model_type, path, args.trust_remote_code)
+            path = merged_checkpoint(info.path, model_type, path, args.trust_remote_code, name=args.ckpt_dir)
         else:
             adapters = {"default-lora": info.path, **adapters}
     elif args.ckpt_dir:
@@ -83,11 +104,14 @@ def peft_form(ckpt_dir: str) -> str:
     return str(out)
 
 
-def merged_checkpoint(adapter_dir: str, model_type: str | None, base_path: str | None, trust_remote_code) -> str:
-    """The adapter merged into its base, in `<adapter>-merged` as ms-swift writes it; made once."""
+def merged_checkpoint(
+    adapter_dir: str, model_type: str | None, base_path: str | None, trust_remote_code, name: str | None = None
+) -> str:
+    """The adapter merged into its base, in `<name>-merged` as ms-swift writes it (name: the
+    --ckpt_dir given; the adapter folder by default); made once."""
     from serve_app import exporter
 
-    out = Path(f"{str(adapter_dir).rstrip('/')}-merged")
+    out = Path(f"{str(name or adapter_dir).rstrip('/')}-merged")
     if (out / "config.json").is_file():
         print(f"[lorafleet] using the merged checkpoint {out} (made earlier; delete it to merge again)", flush=True)
         return str(out)

@@ -80,6 +80,12 @@ def test_unsupported_bits_or_methods_are_refused_with_what_works(tmp_path):
     for bits, method in ((3, "gptq"), (4, "awq"), (16, None)):
         with pytest.raises(ConfigError, match=r"quantizes with --quant_method gptq and --quant_bits 4\|8"):
             check_request(bits, method)
-    done = lorafleet("--ckpt_dir", str(XIAO_HUANG_DIR), "--quant_bits", "4", cwd=tmp_path)
+    adapter = tmp_path / "xiao-huang"
+    subprocess.run(["cp", "-r", str(XIAO_HUANG_DIR), str(adapter)], check=True)
+    done = lorafleet("--ckpt_dir", str(adapter), "--quant_bits", "4", cwd=tmp_path)
     assert done.returncode != 0 and "add --merge_lora true" in done.stderr
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert [p.name for p in tmp_path.iterdir()] == ["xiao-huang"]  # nothing written beside it
+    (tmp_path / "tiny-chat-gptq-int4").mkdir()
+    (tmp_path / "tiny-chat-gptq-int4" / "keep.txt").write_text("mine")
+    done = lorafleet("--model_type", "tiny-chat", "--quant_bits", "4", cwd=tmp_path)
+    assert done.returncode != 0 and "exists and is not empty" in done.stderr and "calibrate" not in done.stderr

@@ -87,19 +87,26 @@ def test_an_adapter_checkpoint_is_served_under_its_base_model_type(tmp_path):
 
 def test_load_dataset_config_infers_the_validation_set_and_merge_lora_merges_once(tmp_path):
     ckpt = swift_run(tmp_path)
-    done = lorafleet("infer", "--ckpt_dir", str(ckpt), "--load_dataset_config", "true", "--infer_backend", "pt")
+    infer = ["infer", "--load_dataset_config", "true", "--infer_backend", "pt"]
+
+    def answers_ok(done) -> None:
+        assert done.returncode == 0, done.stderr[-2000:]
+        for record in results(tmp_path):
+            assert record["response"] == record["label"], record  # xiao-huang's answers
+        for path in tmp_path.glob("val-result-*.jsonl"):
+            path.unlink()
+
+    answers_ok(lorafleet(*infer, "--ckpt_dir", str(ckpt)))  # the adapter on its base
+    # the guide's flow: `export --merge_lora true`, then infer the merged folder with the dataset config
+    done = lorafleet("export", "--ckpt_dir", str(ckpt), "--merge_lora", "true")
     assert done.returncode == 0, done.stderr[-2000:]
-    for record in results(tmp_path):
-        assert record["response"] == record["label"], record  # xiao-huang's answers, through its base
-    for path in tmp_path.glob("val-result-*.jsonl"):
-        path.unlink()
-    merge = ["infer", "--ckpt_dir", str(ckpt), "--merge_lora", "true", "--load_dataset_config", "true"]
-    done = lorafleet(*merge, "--infer_backend", "pt")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (ckpt.parent / "checkpoint-10-merged" / "config.json").is_file()
-    assert all(r["response"] == r["label"] for r in results(tmp_path))  # the merged model answers alike
-    again = lorafleet(*merge, "--infer_backend", "pt")
-    assert again.returncode == 0 and "using the merged checkpoint" in again.stdout
+    merged = ckpt.parent / "checkpoint-10-merged"
+    assert json.loads((merged / "sft_args.json").read_text())["sft_type"] == "full"
+    answers_ok(lorafleet(*infer, "--ckpt_dir", str(merged)))
+    # `infer --merge_lora true` finds that merge and uses it
+    again = lorafleet(*infer, "--ckpt_dir", str(ckpt), "--merge_lora", "true")
+    assert "using the merged checkpoint" in again.stdout
+    answers_ok(again)
 
 
 def test_load_dataset_config_without_a_local_validation_set_fails_instead_of_chatting(tmp_path):

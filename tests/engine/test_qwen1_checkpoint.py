@@ -18,7 +18,7 @@ from serve_app.model_types import TINY_CHAT_DIR
 from serve_app.qwen1_convert import convert
 from serve_app.tiny_chat.answers import chat_prompts
 from serve_app.tiny_chat.corpus import BASE_CHATS
-from tests.engine.test_oracle import eos_ids, hf_greedy, prompt_ids, vllm_greedy
+from tests.engine.test_oracle import PROMPTS, eos_ids, hf_greedy, prompt_ids, vllm_greedy
 from tests.qwen1_checkpoint import qwen1_ids, write_qwen1_checkpoint
 from tests.serve_fixtures import FAST_START
 
@@ -48,8 +48,10 @@ def test_loaded_by_path_it_is_converted_once_and_answers_like_tiny_chat(
         assert "is a Qwen(1) checkpoint (QWenLMHeadModel)" in capsys.readouterr().out
         [converted] = [p for p in (tmp_path / "converted").iterdir() if p.is_dir()]
         assert engine.model_dir == str(converted)
-        # the same prompt ids (in Qwen(1)'s numbering) and the same greedy tokens
+        # the same prompt ids (in Qwen(1)'s numbering), by its own chat template too, and the same greedy tokens
         ids = prompt_ids(engine.hf_tokenizer)
+        own = get_template("jinja", engine.hf_tokenizer)
+        assert [own.encode(q, h)[0] for q, h in PROMPTS] == ids
         assert ids == in_qwen1_ids(prompt_ids(vllm_engine.hf_tokenizer))
         assert vllm_greedy(engine, ids) == in_qwen1_ids(vllm_greedy(vllm_engine, prompt_ids(vllm_engine.hf_tokenizer)))
         # and every chat of the corpus answered alike through the ms-swift API
@@ -102,6 +104,15 @@ def test_bad_checkpoints_get_clear_errors_and_leave_nothing(qwen1_dir, tmp_path)
     with pytest.raises(ConfigError, match="unexpected tensor 'transformer.h.0.attn.rotary.inv_freq'"):
         convert(broken, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no output, no partial folder
+    base_model = tmp_path / "base"  # Qwen-7B (not -Chat): generation_config says chat_format raw
+    base_model.mkdir()
+    for file in qwen1_dir.iterdir():
+        (base_model / file.name).write_bytes(file.read_bytes())
+    generation = json.loads((base_model / "generation_config.json").read_text()) | {"chat_format": "raw"}
+    (base_model / "generation_config.json").write_text(json.dumps(generation))
+    converted = convert(base_model, tmp_path / "base-qwen2")
+    assert not (converted / "chat_template.jinja").exists()
+    assert "chat_template" not in json.loads((converted / "tokenizer_config.json").read_text())
     (broken / "qwen.tiktoken").unlink()
     with pytest.raises(ConfigError, match="has no qwen.tiktoken"):
         convert(broken, tmp_path / "out")

@@ -73,7 +73,8 @@ class SteadyLoad:
 
     A request can meet a closed connection while HAProxy reloads for new replicas (one of ~60 in a
     run on an AMD EPYC got "Server disconnected without sending a response" from a bare httpx
-    client); the client retries it as it retries any connection error, before any token was sent."""
+    client); the client retries it as it retries any connection error, before any token was sent.
+    An HTTP 5xx answer counts as a failure even when the retry then succeeds."""
 
     def __init__(self, clients: int, model: str = "tiny-steady"):
         self.outcomes: list[str] = []  # "ok", or what went wrong
@@ -86,8 +87,13 @@ class SteadyLoad:
     def _count_attempt(self, request: httpx.Request) -> None:
         self.attempts += 1
 
+    def _check_status(self, response: httpx.Response) -> None:
+        if response.status_code >= 500:  # the client would retry it; the app must not answer so
+            self.outcomes.append(f"HTTP {response.status_code} (retried by the client)")
+
     def _run(self, stop: threading.Event, model: str) -> None:
-        http = httpx.Client(timeout=300, event_hooks={"request": [self._count_attempt]})
+        hooks = {"request": [self._count_attempt], "response": [self._check_status]}
+        http = httpx.Client(timeout=300, event_hooks=hooks)
         with openai.OpenAI(base_url=f"{URL}/v1", api_key="unused", http_client=http) as client:
             while not stop.is_set():
                 self.outcomes.append(self._one(client, model))
