@@ -70,8 +70,3 @@ def test_to_peft_format_checks_and_copies(tmp_path):
     assert done.returncode == 0 and (tmp_path / "copy" / "adapter_config.json").exists()
     bad = lorafleet("export", "--ckpt_dir", str(TINY_CHAT_DIR), "--to_peft_format", "true")
     assert bad.returncode == 2 and "adapter_config.json is missing" in bad.stderr
-
-
-def test_quant_bits_is_refused_clearly():
-    done = lorafleet("export", "--ckpt_dir", str(XIAO_HUANG_DIR), "--quant_bits", "4")
-    assert done.returncode != 0 and "not supported yet" in done.stderr
