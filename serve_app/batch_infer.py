@@ -39,6 +39,10 @@ def dataset_from_ckpt(ckpt_dir: str | None) -> str:
     it is a local file; otherwise an error that says why, never a silent switch to the chat."""
     from serve_app.swift_checkpoint import read_sft_args
 
+    if not ckpt_dir:
+        raise ConfigError(
+            "--load_dataset_config true reads CKPT_DIR/sft_args.json: give --ckpt_dir, or pass --dataset FILE."
+        )
     trained = read_sft_args(ckpt_dir)
     if not trained:
         raise ConfigError(
