@@ -5,6 +5,7 @@
 #   bash bench/gpu.sh bench OUT TP [side_by_side.py flags]   # vLLM server vs lorafleet, dummy weights
 #   BENCH_DIR=/tmp/lora bash bench/gpu.sh bench OUT 1 --loras 16 ...   # another comparison beside it
 #   bash bench/gpu.sh features OUT    # structured outputs and tool calls through `lorafleet deploy` (tiny-chat)
+#   bash bench/gpu.sh formats OUT     # GPTQ int4/int8 exports and a converted Qwen(1) checkpoint, served by vLLM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source /tmp/parts/install.sh
@@ -24,6 +25,10 @@ check)  # tp_check.py flags follow, e.g. --tp 4 1
 features)
   python3 -m serve_app.engines.vllm_surface 2>&1 | tail -1 | tee "$out"/vllm_surface.txt
   exec python3 bench/feature_check.py --out "$out"/feature_check.json --log "$out"/feature-check-server.log
+  ;;
+formats)
+  python3 -m serve_app.engines.vllm_surface 2>&1 | tail -1 | tee "$out"/vllm_surface.txt
+  exec python3 bench/format_check.py --out "$out"/format_check.json
   ;;
 bench)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape

@@ -168,6 +168,8 @@ def write_tokenizer(tiktoken_file: Path, vocab_size: int, out: Path, chatml: boo
 
 def qwen2_tensors(name: str, tensor) -> Iterator[tuple[str, object]]:
     """Qwen2's tensors for one Qwen(1) tensor."""
+    if name.endswith("rotary_emb.inv_freq"):  # saved by some Qwen(1) revisions; derived from rope_theta
+        return
     if name in _TOP_NAMES:
         yield _TOP_NAMES[name], tensor
         return
