@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    # Quantizing here touches CUDA in this process, and vLLM would fork its engine from it.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     work = Path(tempfile.mkdtemp(prefix="format-check-"))
     folders = {
         "int4 (gptq)": quantize(str(TINY_CHAT_DIR), work / "tiny-chat-gptq-int4", 4, "gptq"),

