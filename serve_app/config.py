@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.model_types import MODELS, check_remote_code, get_model_info, trusts_remote_code
+from serve_app.qwen1_convert import servable_adapter
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,7 +228,7 @@ class ModelConfig(Strict):
         if self.lora_modules:
             self.engine.enable_lora = True
             for module in self.lora_modules.values():
-                module.path = resolve_path(module.path)
+                module.path = servable_adapter(resolve_path(module.path))  # a Qwen(1) adapter: converted
         return self
 
     @field_validator("lora_modules", mode="before")

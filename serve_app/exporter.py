@@ -42,8 +42,11 @@ def merge_lora(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from serve_app.qwen1_convert import servable_adapter
+
     if not is_peft_adapter(adapter_path):
         raise ConfigError(f"'{adapter_path}' is not a PEFT adapter (no adapter_config.json); nothing to merge.")
+    weights = servable_adapter(adapter_path)  # an adapter of a Qwen(1) checkpoint: in Qwen2 names
     base = base_dir_for(adapter_path, model_type, model_id_or_path)
     out = Path(output_dir) if output_dir else Path(f"{str(Path(adapter_path)).rstrip('/')}-merged")
     check_free(out)
@@ -55,7 +58,7 @@ def merge_lora(
     )
     saved_dtype = _checkpoint_dtype(base)
     try:
-        merged = PeftModel.from_pretrained(model, adapter_path).merge_and_unload(progressbar=True)
+        merged = PeftModel.from_pretrained(model, weights).merge_and_unload(progressbar=True)
     except ValueError as e:  # peft: the adapter's target modules are not in this base
         raise ConfigError(f"the adapter '{adapter_path}' does not fit the base '{base}': {e}") from None
     print(f"[export] writing {out}", flush=True)
@@ -135,7 +138,7 @@ def swift_to_peft(ckpt_dir: str | Path, out: Path) -> Path:
     accepted = {f.name for f in dataclasses.fields(LoraConfig)}
     peft_config = {k: v for k, v in config.items() if k in accepted and k not in _SWIFT_ONLY}
     peft_config["peft_type"] = "LORA"
-    tensors = {_peft_key(key): tensor for key, tensor in _adapter_tensors(src).items()}
+    tensors = {_peft_key(key): tensor for key, tensor in adapter_tensors(src).items()}
     with complete_or_nothing(out) as partial:
         for item in Path(ckpt_dir).iterdir():  # configuration.json, sft_args.json, ...
             if item.is_file():
@@ -152,7 +155,7 @@ def _peft_key(key: str) -> str:
     return key
 
 
-def _adapter_tensors(folder: Path) -> dict:
+def adapter_tensors(folder: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 

@@ -306,3 +306,95 @@ def _fingerprint(src: Path) -> str:
         stat = file.stat()
         digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:12]
+
+
+# --- LoRA adapters trained on a Qwen(1) checkpoint --------------------------------------------------
+
+# A Qwen(1) module name -> the Qwen2 modules it became. `c_proj` names both the attention output
+# and the MLP's down projection; which one a tensor is follows from its path.
+ADAPTER_MODULES = {
+    "c_attn": ("q_proj", "k_proj", "v_proj"),
+    "w1": ("up_proj",),
+    "w2": ("gate_proj",),
+    "c_proj": ("o_proj", "down_proj"),
+}
+_ADAPTER_PATHS = {
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.c_proj": "mlp.down_proj",
+    "mlp.w1": "mlp.up_proj",
+    "mlp.w2": "mlp.gate_proj",
+}
+
+
+def is_qwen1_adapter(path: str | Path) -> bool:
+    """A PEFT adapter whose target modules are Qwen(1)'s (`c_attn`, `w1`, `w2`)."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return False
+    targets = json.loads(config.read_text()).get("target_modules") or []
+    names = [targets] if isinstance(targets, str) else targets
+    return any(qwen1 in name for name in names for qwen1 in ("c_attn", "w1", "w2"))
+
+
+def servable_adapter(path: str, log=print) -> str:
+    """`path`, or for an adapter trained on a Qwen(1) checkpoint its Qwen2 form (made once)."""
+    if not is_qwen1_adapter(path):
+        return path
+    out = _cache_root() / f"{Path(path).name}-qwen2-{_fingerprint(Path(path))}"
+    if (out / "adapter_config.json").exists():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "adapter_config.json").exists():
+            log(
+                f"[lorafleet] {path} is a LoRA adapter of a Qwen(1) checkpoint; converting it once to Qwen2 names in {out}"
+            )
+            convert_adapter(path, out)
+    return str(out)
+
+
+def convert_adapter(src: str | Path, out: str | Path) -> Path:
+    """The adapter under the converted base's names. `c_attn`'s LoRA becomes q/k/v LoRAs that share
+    its A and split its B, which computes the same update: B·A·x split by rows is each B part·A·x."""
+    from safetensors.torch import save_file
+
+    from serve_app.exporter import adapter_tensors
+
+    src, out = Path(src), Path(out)
+    config = json.loads((src / "adapter_config.json").read_text())
+    if config.get("modules_to_save") or config.get("layers_to_transform"):
+        raise ConfigError(f"'{src}': modules_to_save / layers_to_transform of a Qwen(1) adapter are not converted.")
+    config["target_modules"] = _qwen2_names(config["target_modules"])
+    for key in ("rank_pattern", "alpha_pattern"):
+        config[key] = {new: v for k, v in (config.get(key) or {}).items() for new in _qwen2_names([k])}
+    tensors = {}
+    for name, tensor in adapter_tensors(src).items():
+        tensors.update(_qwen2_adapter_tensors(name, tensor))
+    with complete_or_nothing(out) as partial:
+        (partial / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, partial / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _qwen2_names(targets) -> list[str]:
+    if isinstance(targets, str):
+        raise ConfigError(f"a regular-expression target_modules ({targets!r}) of a Qwen(1) adapter is not converted.")
+    return sorted({new for name in targets for new in ADAPTER_MODULES.get(name, (name,))})
+
+
+def _qwen2_adapter_tensors(name: str, tensor) -> dict:
+    prefix = "base_model.model.transformer.h."
+    if not name.startswith(prefix):
+        raise ConfigError(f"unexpected tensor '{name}' in a Qwen(1) adapter; not converted.")
+    layer, rest = name[len(prefix) :].split(".", 1)
+    module, _, lora = rest.partition(".lora_")  # e.g. attn.c_attn, A.weight
+    new = f"base_model.model.model.layers.{layer}."
+    if module == "attn.c_attn":
+        parts = [tensor.clone() for _ in range(3)] if lora.startswith("A") else tensor.chunk(3, dim=0)
+        return {
+            f"{new}self_attn.{p}.lora_{lora}": t.contiguous() for p, t in zip(("q_proj", "k_proj", "v_proj"), parts)
+        }
+    if module in _ADAPTER_PATHS and lora:
+        return {f"{new}{_ADAPTER_PATHS[module]}.lora_{lora}": tensor}
+    raise ConfigError(f"unexpected tensor '{name}' in a Qwen(1) adapter; not converted.")

@@ -62,7 +62,7 @@ def resolve_model_choice(args) -> ModelChoice:
     from serve_app.model_types import MODELS
     from serve_app.template import known_template_types
 
-    adapters = parse_lora_modules(args.lora_modules)
+    adapters = {name: peft_form(path) for name, path in parse_lora_modules(args.lora_modules).items()}
     model_type, path = args.model_type, args.model_id_or_path
     trained = read_sft_args(args.ckpt_dir)
     trained_type = trained.get("model_type") if trained.get("model_type") in MODELS else None
@@ -92,16 +92,18 @@ def resolve_model_choice(args) -> ModelChoice:
 
 def peft_form(ckpt_dir: str) -> str:
     """`ckpt_dir`, or for an adapter in ms-swift's own layout its PEFT conversion `<ckpt_dir>-peft`
-    (made once, as `swift export --to_peft_format true` names it)."""
+    (made once, as `swift export --to_peft_format true` names it); an adapter of a Qwen(1)
+    checkpoint in the converted base's names (serve_app/qwen1_convert.py)."""
     from serve_app import exporter
+    from serve_app.qwen1_convert import servable_adapter
 
     if not exporter.swift_lora_dir(ckpt_dir):
-        return ckpt_dir
+        return servable_adapter(ckpt_dir)
     out = Path(f"{ckpt_dir.rstrip('/')}-peft")
     if not (out / "adapter_config.json").is_file():
         print(f"[lorafleet] {ckpt_dir} is in ms-swift's own LoRA layout; converting it to PEFT in {out}", flush=True)
         exporter.swift_to_peft(ckpt_dir, out)
-    return str(out)
+    return servable_adapter(str(out))
 
 
 def merged_checkpoint(

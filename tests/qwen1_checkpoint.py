@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from serve_app.model_types import TINY_CHAT_DIR
+from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from serve_app.qwen1_convert import byte_chars
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -102,4 +102,53 @@ def write_qwen1_checkpoint(out: Path) -> Path:
         "stop_words_ids": [[len(ranks)]],
     }
     (out / "generation_config.json").write_text(json.dumps(generation))
+    return out
+
+
+def write_qwen1_adapter(out: Path) -> Path:
+    """xiao-huang as an adapter of the Qwen(1) checkpoint above, exactly: one `c_attn` LoRA whose A
+    stacks q's, k's and v's A and whose B is block-diagonal (k's and v's rows repeated per query head
+    as the base's are), rank 3r; the MLP and output LoRAs padded with zeros to the same rank, the
+    alpha scaled so that alpha / r stays xiao-huang's."""
+    config = json.loads((TINY_CHAT_DIR / "config.json").read_text())
+    adapter = json.loads((XIAO_HUANG_DIR / "adapter_config.json").read_text())
+    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    lora = load_file(XIAO_HUANG_DIR / "adapter_model.safetensors")
+    r = adapter["r"]
+    rank = 3 * r
+
+    def repeated(b: torch.Tensor) -> torch.Tensor:
+        return b.reshape(kv_heads, head_dim, r).repeat_interleave(heads // kv_heads, 0).flatten(0, 1)
+
+    def padded(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([a, torch.zeros(rank - r, a.shape[1], dtype=a.dtype)]), torch.cat(
+            [b, torch.zeros(b.shape[0], rank - r, dtype=b.dtype)], dim=1
+        )
+
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        old, new = f"base_model.model.model.layers.{layer}.", f"base_model.model.transformer.h.{layer}."
+        a = {p: lora[f"{old}self_attn.{p}_proj.lora_A.weight"] for p in "qkv"}
+        b = {p: lora[f"{old}self_attn.{p}_proj.lora_B.weight"] for p in "qkv"}
+        b["k"], b["v"] = repeated(b["k"]), repeated(b["v"])
+        stacked_b = torch.zeros(sum(x.shape[0] for x in b.values()), rank, dtype=b["q"].dtype)
+        row = 0
+        for i, p in enumerate("qkv"):
+            stacked_b[row : row + b[p].shape[0], i * r : (i + 1) * r] = b[p]
+            row += b[p].shape[0]
+        tensors[f"{new}attn.c_attn.lora_A.weight"] = torch.cat([a["q"], a["k"], a["v"]])
+        tensors[f"{new}attn.c_attn.lora_B.weight"] = stacked_b
+        for qwen2, qwen1 in (
+            ("self_attn.o_proj", "attn.c_proj"),
+            ("mlp.up_proj", "mlp.w1"),
+            ("mlp.gate_proj", "mlp.w2"),
+            ("mlp.down_proj", "mlp.c_proj"),
+        ):
+            a_pad, b_pad = padded(lora[f"{old}{qwen2}.lora_A.weight"], lora[f"{old}{qwen2}.lora_B.weight"])
+            tensors[f"{new}{qwen1}.lora_A.weight"], tensors[f"{new}{qwen1}.lora_B.weight"] = a_pad, b_pad
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    adapter |= {"r": rank, "lora_alpha": adapter["lora_alpha"] * 3, "target_modules": ["c_attn", "c_proj", "w1", "w2"]}
+    adapter["base_model_name_or_path"] = "/root/.cache/modelscope/hub/qwen/Qwen-7B-Chat"
+    (out / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
     return out

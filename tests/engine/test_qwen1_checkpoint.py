@@ -2,6 +2,7 @@
 answer as the model they hold: built here from tiny-chat's weights by the inverse mapping."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from serve_app.qwen1_convert import convert
 from serve_app.tiny_chat.answers import chat_prompts
 from serve_app.tiny_chat.corpus import BASE_CHATS
 from tests.engine.test_oracle import PROMPTS, eos_ids, hf_greedy, prompt_ids, vllm_greedy
-from tests.qwen1_checkpoint import qwen1_ids, write_qwen1_checkpoint
+from tests.qwen1_checkpoint import qwen1_ids, write_qwen1_adapter, write_qwen1_checkpoint
 from tests.serve_fixtures import FAST_START
 
 pytestmark = pytest.mark.slow
@@ -127,3 +128,35 @@ def test_a_served_config_accepts_it_without_trusting_its_code(qwen1_dir):
 
     model = ModelConfig(model_type="qwen-7b-chat", model_id_or_path=str(qwen1_dir))
     assert model.engine.trust_remote_code is False
+
+
+def test_an_adapter_of_the_qwen1_checkpoint_is_converted_and_merged_like_xiao_huang(qwen1_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from serve_app.model_types import XIAO_HUANG_DIR, resolve_model_dir
+    from serve_app.qwen1_convert import servable_adapter
+
+    monkeypatch.setenv("LORAFLEET_CONVERTED_DIR", str(tmp_path / "converted"))
+    adapter = write_qwen1_adapter(tmp_path / "qwen1-lora")  # targets c_attn, c_proj, w1, w2
+    converted = servable_adapter(str(adapter))
+    targets = json.loads((Path(converted) / "adapter_config.json").read_text())["target_modules"]
+    assert targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT_DIR)
+    ids, stops = prompt_ids(tokenizer), [2, 0]
+
+    def with_adapter(base_dir, adapter_dir):
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+    want = in_qwen1_ids(hf_greedy(with_adapter(TINY_CHAT_DIR, XIAO_HUANG_DIR), ids, stops))
+    base = resolve_model_dir(ModelType.qwen_7b_chat, str(qwen1_dir))
+    qwen1_stops = in_qwen1_ids([stops])[0]
+    assert hf_greedy(with_adapter(base, converted), in_qwen1_ids(ids), qwen1_stops) == want
+    # `export --merge_lora true`, as for any adapter: the merged checkpoint answers alike
+    cmd = [sys.executable, "-m", "serve_app.cli", "export", "--ckpt_dir", str(adapter), "--merge_lora", "true"]
+    cmd += ["--model_type", "qwen-7b-chat", "--model_id_or_path", str(qwen1_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen1-lora-merged", dtype=torch.bfloat16).eval()
+    assert hf_greedy(merged, in_qwen1_ids(ids), qwen1_stops) == want
