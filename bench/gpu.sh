@@ -6,6 +6,7 @@
 #   BENCH_DIR=/tmp/lora bash bench/gpu.sh bench OUT 1 --loras 16 ...   # another comparison beside it
 #   bash bench/gpu.sh features OUT    # structured outputs and tool calls through `lorafleet deploy` (tiny-chat)
 #   bash bench/gpu.sh formats OUT     # GPTQ int4/int8 exports and a converted Qwen(1) checkpoint, served by vLLM
+#   bash bench/gpu.sh profile OUT [--configs ...]   # a LoRA decode step's time by distinct adapters (issue 22)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source /tmp/parts/install.sh
@@ -29,6 +30,10 @@ features)
 formats)
   python3 -m serve_app.engines.vllm_surface 2>&1 | tail -1 | tee "$out"/vllm_surface.txt
   exec python3 bench/format_check.py --out "$out"/format_check.json
+  ;;
+profile)
+  [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
+  exec python3 bench/lora_step_profile.py $shape --out "$out"/lora_step_profile.json "$@"
   ;;
 bench)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape

@@ -352,22 +352,25 @@ def lora_draws(args) -> list[str]:
     return [n for i, n in enumerate(names, 1) for _ in range(max(1, round(len(names) / i**args.lora_zipf)))]
 
 
-def lora_table(results: dict, lora_results: dict, new_adapter_s: dict, args) -> str:
+def lora_table(results: dict, lora_results: dict, one_adapter: dict, new_adapter_s: dict, args) -> str:
     c = args.lora_concurrency
     rows = [
         f"Multi-LoRA: {args.loras} adapters (rank {args.lora_rank}), {args.max_loras} resident, "
         + (f"Zipf (s = {args.lora_zipf}) adapter" if args.lora_zipf else "random adapter")
         + f" per request, concurrency {c}",
         "",
-        "| system | base tok/s | LoRA tok/s | LoRA / base | LoRA TTFT p50 ms | new adapter → first token p50 s |",
-        "|---|---|---|---|---|---|",
+        "| system | base tok/s | one adapter tok/s | LoRA tok/s | LoRA / base | LoRA / one adapter "
+        "| LoRA TTFT p50 ms | LoRA TPOT p50 ms | new adapter → first token p50 s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for system, r in lora_results.items():
         base = results.get((system, c), {}).get("output_throughput", float("nan"))
+        one = one_adapter.get(system, {}).get("output_throughput", float("nan"))
         latency = statistics.median(new_adapter_s[system]) if new_adapter_s.get(system) else float("nan")
+        spread = r["output_throughput"]
         rows.append(
-            f"| {system} | {base:.0f} | {r['output_throughput']:.0f} | {r['output_throughput'] / base:.2f}x "
-            f"| {r['p50_ttft_ms']:.1f} | {latency:.3f} |"
+            f"| {system} | {base:.0f} | {one:.0f} | {spread:.0f} | {spread / base:.2f}x | {spread / one:.2f}x "
+            f"| {r['p50_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} | {latency:.3f} |"
         )
     return "\n".join(rows)
 
@@ -521,6 +524,7 @@ class Findings:
     runs: dict = field(default_factory=dict)  # (system, concurrency) -> every run of this call
     startup: dict = field(default_factory=dict)  # system -> seconds from launch to first token
     lora_results: dict = field(default_factory=dict)  # system -> the multi-LoRA run
+    one_adapter: dict = field(default_factory=dict)  # system -> the same streams, all on one adapter
     new_adapter_s: dict = field(default_factory=dict)  # system -> new adapter -> first token, seconds
 
 
@@ -545,8 +549,13 @@ def run_system(system, starter, args, tag: str, found: Findings) -> None:
         if args.adapters and system != "ray-serve-llm":  # it loads adapters from cloud storage only
             c = args.lora_concurrency
             found.lora_results[system] = load(system, c, args, args.out, loras=lora_draws(args), tag=tag)
+            # the same streams on one adapter of the same server: what spreading them costs (issue 22's CPU measure)
+            found.one_adapter[system] = load(
+                system, c, args, args.out, loras=[next(iter(args.adapters))], tag=tag + "-one"
+            )
             print(
-                f"{system} c={c} {len(args.adapters)} adapters: {found.lora_results[system]['output_throughput']:.0f} tok/s"
+                f"{system} c={c} {len(args.adapters)} adapters: {found.lora_results[system]['output_throughput']:.0f} tok/s,"
+                f" one adapter: {found.one_adapter[system]['output_throughput']:.0f} tok/s"
             )
             found.new_adapter_s[system] = new_adapter_latency(args.spare_adapters)
             print(f"{system}: new adapter -> first token p50 {statistics.median(found.new_adapter_s[system]):.3f} s")
@@ -563,23 +572,25 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def write_report(args, found: Findings) -> None:
-    results, startup, lora_results, new_adapter_s = (
+    results, startup, lora_results, one_adapter, new_adapter_s = (
         found.results,
         found.startup,
         found.lora_results,
+        found.one_adapter,
         found.new_adapter_s,
     )
     report = table(results) + "\n\nstart → first token: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
     if parts := ttft_table(results):
         report += "\n\n" + parts
     if lora_results:
-        report += "\n\n" + lora_table(results, lora_results, new_adapter_s, args)
+        report += "\n\n" + lora_table(results, lora_results, one_adapter, new_adapter_s, args)
     print(report, flush=True)
     (args.out / "table.md").write_text(report + "\n")
     plot(results, args.out / "side_by_side.png")
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "startup_s": startup}
     summary["runs"] = [{"system": k[0], "concurrency": k[1], **v} for k, v in results.items()]
     summary["lora_runs"] = lora_results
+    summary["one_adapter_runs"] = one_adapter
     summary["new_adapter_to_first_token_s"] = new_adapter_s
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
@@ -596,7 +607,14 @@ def earlier_results(args) -> Findings:
     def pick(key: str) -> dict:
         return {k: v for k, v in summary.get(key, {}).items() if k in other}
 
-    return Findings(results, {}, pick("startup_s"), pick("lora_runs"), pick("new_adapter_to_first_token_s"))
+    return Findings(
+        results,
+        {},
+        pick("startup_s"),
+        pick("lora_runs"),
+        pick("one_adapter_runs"),
+        pick("new_adapter_to_first_token_s"),
+    )
 
 
 if __name__ == "__main__":
