@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -13,11 +14,14 @@ from deployments.engine_replica.adapter_router import STATS_PERIOD_S, AdapterPla
 from deployments.engine_replica.coalesce import coalesce
 from deployments.engine_replica.reaper import watch_engine_processes
 from deployments.engine_replica.residency import AdapterResidency
+from lora_registry.adapter_files import inspect_adapter
 from lora_registry.remote_sources import AdapterCache
 from serve_app.config import ModelConfig
-from serve_app.engines import lora_slots
+from serve_app.engines import lora_slots, lora_targets
 from serve_app.messages import Delta, FirstMessage, GenerationRequest, ServedBy
 from serve_app.platform import freeze_startup_heap, has_nvidia_gpu
+
+logger = logging.getLogger(__name__)
 
 # A client still sees its answer grow every few engine steps, however many streams share a replica.
 MAX_TOKENS_PER_MESSAGE = 16
@@ -34,15 +38,20 @@ class LLMServer:
     """
 
     async def __init__(self, model: ModelConfig, registry=None, engine_starter=None, adapter_cache: str | None = None):
-        # max_loras / max_cpu_loras "auto" become numbers here, where the accelerator is known
-        self.model, self.slots = lora_slots.for_model(model, await _registered_adapters(registry, model))
+        # max_loras / max_cpu_loras "auto" become numbers here, where the accelerator is known, and
+        # lora_target_modules the registry's decision for this model
+        registered, modules = await _registered_adapters(registry, model)
+        model = model.model_copy(update={"engine": lora_targets.with_modules(model.engine, modules)})
+        if model.engine.enable_lora:
+            logger.info("LoRA modules of %s's engine: %s", model.served_name, list(modules) if modules else "all")
+        self.model, self.slots = lora_slots.for_model(model, registered)
         starter = engine_starter or start_engine
         self.engine = await starter(self.model)
         # engine processes and socket files must not outlive a killed replica
         self._reaper = watch_engine_processes([d] if (d := getattr(self.engine, "rpc_dir", None)) else [])
         cache = AdapterCache(adapter_cache) if adapter_cache else None
         self.adapters = AdapterResidency(
-            self.engine, model.served_name, self.slots.host, registry, _replica_id(), self.slots.engine, cache
+            self.engine, model.served_name, self.slots.host, registry, _replica_id(), self.slots.engine, cache, modules
         )
         await self.adapters.start()  # adapters marked preload are loaded before the first request
         self.streams = 0  # requests streaming from this replica now
@@ -130,12 +139,15 @@ class LLMServer:
         return options
 
 
-async def _registered_adapters(registry, model: ModelConfig) -> int:
-    """Adapters registered for this model now (the startup ones included)."""
-    if registry is None:
-        return len(model.lora_modules)
+async def _registered_adapters(registry, model: ModelConfig) -> tuple[int, tuple[str, ...] | None]:
+    """How many adapters are registered for this model now (the startup ones included), and the
+    modules its engines apply LoRA to (None: all)."""
+    if registry is None:  # tests that build the class directly: the config's adapters decide
+        carried = [inspect_adapter(m.path).target_modules for m in model.lora_modules.values()]
+        return len(carried), lora_targets.decide(model.engine.lora_target_modules, carried)
     state = await registry.state.remote()
-    return sum(record.base_model == model.served_name for record in state.adapters.values())
+    count = sum(record.base_model == model.served_name for record in state.adapters.values())
+    return count, state.engine_modules.get(model.served_name)
 
 
 def _replica_id() -> str:

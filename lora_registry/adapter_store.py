@@ -42,6 +42,8 @@ class RegistryState:
     keys: Mapping[str, KeyRecord] = field(default_factory=dict)  # tenant keys in force, by key hash
     # once a tenant key was ever created every /v1 request needs a key, also after the last is revoked
     keys_on: bool = False
+    # base model -> the modules its engines apply LoRA to (None: all; engines/lora_targets.py)
+    engine_modules: Mapping[str, tuple[str, ...] | None] = field(default_factory=dict)
 
 
 LOAD_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -62,6 +64,7 @@ class ReplicaResidency:
     load_seconds: float  # their total time
     load_buckets: tuple[int, ...]  # loads that took at most LOAD_BUCKETS_S[i] seconds (cumulative)
     pinned: tuple[int, ...]  # held adapters that are never evicted
+    lora_modules: tuple[str, ...] | None = None  # modules the engine applies LoRA to (None: all)
 
 
 @dataclass(frozen=True)

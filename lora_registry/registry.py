@@ -21,11 +21,9 @@ from lora_registry.database import Database
 from lora_registry.key_store import KeyRecord, KeySpec, KeyStore
 from lora_registry.path_policy import PathPolicy
 from lora_registry.remote_sources import AdapterCache, is_url
+from serve_app.engines import lora_targets
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 
-VLLM_LORA_MODULES = frozenset(
-    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
-)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 RESIDENCY_TTL_S = 20.0
 
@@ -49,6 +47,7 @@ class BaseModelSpec:
     lora_enabled: bool
     max_lora_rank: int
     supported_modules: frozenset | None  # None: anything peft can load (pt backend)
+    lora_target_modules: str | list[str] = "all"  # the engine setting (engines/lora_targets.py)
 
 
 class LoraRegistry:
@@ -78,11 +77,21 @@ class LoraRegistry:
         self._changed: asyncio.Event | None = None
         self._changing = asyncio.Lock()
         self.residency: dict[str, tuple[ReplicaResidency, float]] = {}  # replica -> (its report, when)
+        # base -> the modules its engines apply LoRA to (None: all); "auto" is decided after the startup adapters
+        self.engine_modules = {
+            b.name: lora_targets.decide(b.lora_target_modules, ())
+            for b in bases
+            if b.supported_modules is not None and b.lora_target_modules != "auto"
+        }
         for name, adapter in startup.items():
             current = self.records.get(name)
             wanted = (self.policy.check(adapter.path), adapter.base_model, adapter.pinned, adapter.preload)
             if current is None or (current.path, current.base_model, current.pinned, current.preload) != wanted:
                 self._register(name, adapter.path, adapter.base_model, True, False, adapter.pinned, adapter.preload)
+        for b in bases:
+            if b.supported_modules is not None and b.lora_target_modules == "auto":
+                carried = [r.target_modules for r in self.records.values() if r.base_model == b.name]
+                self.engine_modules[b.name] = lora_targets.decide("auto", carried)
 
     @classmethod
     def get_deployment_options(cls, ray_actor_options: dict | None = None) -> dict:
@@ -104,7 +113,13 @@ class LoraRegistry:
     # --- queries ------------------------------------------------------------------------------
 
     async def state(self) -> RegistryState:
-        return RegistryState(f"{self.generation}:{self.counter}", dict(self.records), dict(self.keys), self.keys_on)
+        return RegistryState(
+            f"{self.generation}:{self.counter}",
+            dict(self.records),
+            dict(self.keys),
+            self.keys_on,
+            dict(self.engine_modules),
+        )
 
     async def listen(self, known_version: str, timeout_s: float = 30.0) -> RegistryState:
         """Long-poll: returns as soon as the state differs from `known_version`, or at the timeout."""
@@ -247,6 +262,11 @@ class LoraRegistry:
                 f"adapter '{name}' targets {sorted(bad)}, which vLLM cannot apply LoRA to; "
                 f"supported: {sorted(base.supported_modules)}.",
                 param="lora_path",
+            )
+        engine = self.engine_modules.get(base.name)
+        if bad := lora_targets.missing(info.target_modules, engine):
+            raise ConfigError(
+                lora_targets.refusal(name, base.name, bad, engine, base.lora_target_modules), param="lora_path"
             )
         check_adapter_fits(info, base.config, base.max_lora_rank, force=force)
         record = self.store.put(name, real, base.name, info.rank, info.target_modules, pinned, preload, checksum)

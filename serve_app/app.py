@@ -16,8 +16,9 @@ from deployments.ingress import Ingress
 from deployments.ingress import app as fastapi_app
 from deployments.llm_server import LLMServer
 from deployments.renderer import Renderer
-from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry, StartupAdapter
+from lora_registry.registry import BaseModelSpec, LoraRegistry, StartupAdapter
 from serve_app.config import AppConfig, ModelConfig
+from serve_app.engines.lora_targets import VLLM_LORA_MODULES
 from serve_app.model_types import context_length, resolve_model_dir
 
 
@@ -74,4 +75,11 @@ def base_model_spec(model: ModelConfig) -> BaseModelSpec:
     if model.infer_backend == "pt":  # peft applies any LoRA it can load
         return BaseModelSpec(model.served_name, hf_config, True, 1 << 16, None)
     engine = model.engine
-    return BaseModelSpec(model.served_name, hf_config, engine.enable_lora, engine.max_lora_rank, VLLM_LORA_MODULES)
+    return BaseModelSpec(
+        model.served_name,
+        hf_config,
+        engine.enable_lora,
+        engine.max_lora_rank,
+        VLLM_LORA_MODULES,
+        engine.lora_target_modules,
+    )

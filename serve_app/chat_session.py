@@ -74,7 +74,7 @@ def _start_engine(args, choice) -> OfflineEngine:
             trust_remote_code=options.trust_remote_code,
         )
     check_remote_code(model_dir, options.trust_remote_code)
-    return start_vllm_engine(model_dir, choice.model_type, options, adapters=len(choice.adapters))
+    return start_vllm_engine(model_dir, choice.model_type, options, adapters=list(choice.adapters.values()))
 
 
 def _template_type(choice) -> str:

@@ -145,6 +145,12 @@ class EngineOptions(Strict):
         "10% of the free host memory holds (at most 1024); none: max_loras",
     )
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the engine accepts")
+    lora_target_modules: list[str] | Literal["auto", "all"] = Field(
+        "auto",
+        description="modules the engine applies LoRA to (vLLM lora_target_modules); auto: those the adapters "
+        "registered at start carry (every module when there are none), all: every module vLLM supports, or a list "
+        "such as [q_proj, v_proj]; an adapter needing another module is refused",
+    )
     max_num_seqs: int | None = Field(None, ge=1, description="sequences per engine step (batch size)")
     seed: int = Field(0, description="engine seed")
     trust_remote_code: bool | None = Field(
@@ -157,15 +163,28 @@ class EngineOptions(Strict):
     def vllm_kwargs(self) -> dict[str, Any]:
         """These settings as `AsyncEngineArgs` keywords: unset ones are left to vLLM, the LoRA ones
         only when LoRA is on, `engine_kwargs` last (it may override any of them)."""
-        lora_only = {"max_loras", "max_cpu_loras", "max_lora_rank"}
-        if self.enable_lora and "auto" in (self.max_loras, self.max_cpu_loras):
-            raise ValueError("max_loras / max_cpu_loras 'auto' must be resolved first (engines/lora_slots.py)")
+        lora_only = {"max_loras", "max_cpu_loras", "max_lora_rank", "lora_target_modules"}
+        if self.enable_lora and "auto" in (self.max_loras, self.max_cpu_loras, self.lora_target_modules):
+            raise ValueError("max_loras / max_cpu_loras / lora_target_modules 'auto' must be resolved first")
         kwargs = {
             name: value
             for name, value in self.model_dump(exclude={"engine_kwargs"}).items()
             if value is not None and (self.enable_lora or name not in lora_only)
         }
+        if kwargs.get("lora_target_modules") == "all":
+            del kwargs["lora_target_modules"]  # vLLM's default: every module it supports
         return {**kwargs, **self.engine_kwargs}
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _known_modules(cls, value):
+        from serve_app.engines.lora_targets import VLLM_LORA_MODULES
+
+        if isinstance(value, list) and (not value or set(value) - VLLM_LORA_MODULES):
+            raise ValueError(
+                f"lora_target_modules {value} is not auto, all or a non-empty list of {sorted(VLLM_LORA_MODULES)}"
+            )
+        return value
 
 
 VLLM_ENGINE_FIELDS = tuple(name for name in EngineOptions.model_fields if name != "engine_kwargs")

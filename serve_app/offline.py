@@ -18,13 +18,13 @@ import threading
 import time
 import typing
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
 from serve_app.config import EngineOptions
-from serve_app.engines import lora_slots
+from serve_app.engines import lora_slots, lora_targets
 from serve_app.engines.pt_engine import PtEngine, PtSettings
 from serve_app.engines.vllm_engine import VllmEngine
 from serve_app.errors import ConfigError
@@ -176,11 +176,14 @@ def get_vllm_engine(
 
 
 def start_vllm_engine(
-    model_dir: str, model_type: str | None, options: EngineOptions, adapters: int = 0
+    model_dir: str, model_type: str | None, options: EngineOptions, adapters: Sequence[str] = ()
 ) -> OfflineEngine:
-    """`adapters`: how many adapters the caller will use (sizes `max_loras: auto`)."""
+    """`adapters`: the folders of the adapters the caller will use (they size `max_loras: auto` and
+    decide `lora_target_modules: auto`; with none known every module carries LoRA)."""
     hf = lora_slots.hf_config(model_dir, bool(options.trust_remote_code))
-    options, _ = lora_slots.resolve(options, model_dir, adapters, hf)
+    carried = [inspect_adapter(path).target_modules for path in adapters]
+    options = lora_targets.with_modules(options, lora_targets.decide(options.lora_target_modules, carried))
+    options, _ = lora_slots.resolve(options, model_dir, len(adapters), hf)
     loop = _EventLoopThread()
     engine = loop.run(VllmEngine.start(model_dir, options))
     config = default_generation_config(model_type, model_dir)

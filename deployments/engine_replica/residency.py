@@ -56,12 +56,14 @@ class AdapterResidency:
         replica_id: str = "local",
         engine_slots: int | None = None,
         cache: AdapterCache | None = None,
+        lora_modules: tuple[str, ...] | None = None,
     ):
         from ray import serve
 
         self.engine, self.model_name, self.registry, self.replica_id = engine, model_name, registry, replica_id
         self.capacity = capacity  # adapters held in the engine (max_cpu_loras)
         self.engine_slots = engine_slots or capacity  # adapters one batch can mix (max_loras), reported only
+        self.lora_modules = lora_modules  # what the engine applies LoRA to (None: all), reported only
         self.pinned: set[int] = set()
         # preloaded once per adapter id (at start, on registration, when marked): an evicted one is
         # not loaded again at every registry heartbeat, which would churn under pressure
@@ -250,6 +252,7 @@ class AdapterResidency:
             load_seconds=round(self.load_seconds, 6),
             load_buckets=tuple(self.load_buckets),
             pinned=tuple(sorted(self.pinned & set(self.held))),
+            lora_modules=self.lora_modules,
         )
 
     async def _on_registry_state(self, state: RegistryState) -> None:

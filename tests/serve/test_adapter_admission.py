@@ -5,7 +5,11 @@ adapters "two" (one request) and "three" (two, sent later) wait for that stream 
 hangs up once they wait), and a base request in the meantime does not wait at all. Dropping "one" at once would make vLLM reload it from
 disk at its next step for the stream still running: the test takes its files away once the stream
 has started, so such a reload would fail the stream. When the slot frees, "three" takes it first:
-it has more requests waiting (vLLM's own scheduler serves the oldest waiting request's adapter)."""
+it has more requests waiting (vLLM's own scheduler serves the oldest waiting request's adapter).
+
+The adapters carry LoRA on q_proj and v_proj only, and "one" is given at start, so the engine
+applies LoRA to those two modules only (`lora_target_modules: auto`): every answer is still checked
+against peft, and an adapter that needs other modules is refused."""
 
 import threading
 import time
@@ -56,13 +60,15 @@ def app(serve_instance, adapters):
                         "max_lora_rank": 16,
                     },
                     "deployment": {"num_replicas": 1},
+                    # q_proj/v_proj adapters: lora_target_modules auto gives the engine LoRA there only
+                    "lora_modules": {"one": {"path": str(adapters[1]["one"]), "preload": False}},
                 }
             ],
             "registry": {"state_dir": f"{STATE}/admission", "allowed_roots": [str(adapters[0])]},
         }
     )
     serve_instance.run(build_from_config(config), name="admission", route_prefix="/admission")
-    for name, path in adapters[1].items():
+    for name, path in list(adapters[1].items())[1:]:  # registered at runtime
         body = {"lora_name": name, "lora_path": str(path)}
         response = httpx.post(f"{URL}/v1/load_lora_adapter", json=body, timeout=60)
         assert response.status_code == 200, response.text
@@ -132,3 +138,14 @@ def test_waiting_adapters_take_the_slot_after_the_stream_most_requests_first(app
     time.sleep(6)  # a residency heartbeat
     held = [r["name"] for r in httpx.get(f"{app}/v1/adapters", timeout=30).json()["data"] if r["replicas"]]
     assert held == ["two"]  # "one" left the engine once its stream ended, then "three"
+
+
+def test_lora_only_where_the_startup_adapters_have_it_and_wider_adapters_are_refused(app, adapters):
+    listing = httpx.get(f"{app}/v1/adapters", timeout=30).json()
+    assert [r["lora_modules"] for r in listing["engine_replicas"]] == [["q_proj", "v_proj"]], listing
+    wide = make_adapter(adapters[0] / "all-linear", seed=3, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
+    response = httpx.post(f"{app}/v1/load_lora_adapter", json={"lora_name": "wide", "lora_path": str(wide)}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "['down_proj', 'o_proj']" in error["message"] and "lora_target_modules: auto" in error["message"], error
+    assert "wide" not in {r["name"] for r in httpx.get(f"{app}/v1/adapters", timeout=30).json()["data"]}

@@ -83,8 +83,14 @@ def test_engine_options_reach_vllm_under_their_own_names():
         "max_num_seqs": 8,
         "seed": 3,
     }
-    lora = EngineOptions(enable_lora=True, max_loras=2, max_cpu_loras=None).vllm_kwargs()
+    lora = EngineOptions(enable_lora=True, max_loras=2, max_cpu_loras=None, lora_target_modules="all").vllm_kwargs()
     assert (lora["max_loras"], lora["max_lora_rank"]) == (2, 16) and "max_cpu_loras" not in lora
+    assert "lora_target_modules" not in lora  # all: vLLM's default, every module it supports
+    listed = EngineOptions(enable_lora=True, max_loras=2, max_cpu_loras=2, lora_target_modules=["q_proj", "v_proj"])
+    assert listed.vllm_kwargs()["lora_target_modules"] == ["q_proj", "v_proj"]
+    for bad in (["q_proj", "lm_head"], []):
+        with pytest.raises(ValueError, match="lora_target_modules"):
+            EngineOptions(lora_target_modules=bad)
     with pytest.raises(ValueError, match="resolved first"):
         EngineOptions(enable_lora=True).vllm_kwargs()  # "auto" is decided where the accelerator is known
     assert config("--max_loras", "auto", "--max_cpu_loras", "9").models[0].engine.max_cpu_loras == 9

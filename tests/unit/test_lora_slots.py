@@ -5,7 +5,7 @@ import sqlite3
 
 from lora_registry.adapter_store import AdapterStore
 from serve_app.config import EngineOptions
-from serve_app.engines import lora_slots
+from serve_app.engines import lora_slots, lora_targets
 from serve_app.model_types import TINY_CHAT_DIR
 
 # Qwen2.5-7B's shape
@@ -39,12 +39,13 @@ def test_auto_gives_one_slot_per_registered_adapter_within_memory_and_bounds():
 
 
 def test_resolved_options_go_to_vllm_as_numbers():
-    options = EngineOptions(enable_lora=True)
+    options = lora_targets.with_modules(EngineOptions(enable_lora=True), ("q_proj", "v_proj"))
     hf = json.loads((TINY_CHAT_DIR / "config.json").read_text())
     resolved, slots = lora_slots.resolve(options, str(TINY_CHAT_DIR), 6, hf)
     kwargs = resolved.vllm_kwargs()
     assert (kwargs["max_loras"], kwargs["max_cpu_loras"]) == (slots.engine, slots.host) == (6, slots.host)
     assert slots.host >= slots.engine
+    assert kwargs["lora_target_modules"] == ["q_proj", "v_proj"]
 
 
 def test_a_state_dir_of_before_pinned_and_preload_gets_their_columns(tmp_path):
@@ -62,3 +63,16 @@ def test_a_state_dir_of_before_pinned_and_preload_gets_their_columns(tmp_path):
     assert (old.pinned, old.preload, old.target_modules) == (False, False, ("q_proj",))
     new = store.put("new", "/b", "tiny-chat", 8, ("q_proj",), pinned=True, preload=True)
     assert AdapterStore(tmp_path / "registry.sqlite").all()["new"] == new
+
+
+def test_lora_modules_decided_from_the_adapters():
+    qv, every = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert lora_targets.decide("auto", [qv, ("q_proj",)]) == qv
+    assert lora_targets.decide("auto", [qv, every]) == tuple(sorted(every))
+    assert lora_targets.decide("auto", []) is None  # no adapter known: every module
+    assert lora_targets.decide("all", [qv]) is None
+    assert lora_targets.decide(["qkv_proj"], []) == ("k_proj", "q_proj", "v_proj")  # packed names stand for parts
+    assert lora_targets.missing(every, qv) == ["down_proj", "gate_proj", "k_proj", "o_proj", "up_proj"]
+    assert lora_targets.missing(("gate_up_proj",), None) == []
+    options = lora_targets.with_modules(EngineOptions(enable_lora=True, max_loras=2, max_cpu_loras=2), None)
+    assert options.lora_target_modules == "all" and "lora_target_modules" not in options.vllm_kwargs()

@@ -13,7 +13,8 @@ from lora_registry import database
 from lora_registry.adapter_store import AdapterStore
 from lora_registry.key_store import KeySpec, hash_key
 from lora_registry.path_policy import PathPolicy
-from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry, StartupAdapter
+from lora_registry.registry import BaseModelSpec, LoraRegistry, StartupAdapter
+from serve_app.engines.lora_targets import VLLM_LORA_MODULES
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from tests.adapter_factory import make_adapter, make_foreign_adapter
@@ -241,3 +242,45 @@ def test_a_slow_read_holds_up_no_other_change(tmp_path, adapters, monkeypatch):
     removed_first, record = run(both())
     assert removed_first and record.name == "b"
     assert sorted(run(reg.state()).adapters) == ["b"]
+
+
+def test_auto_lora_modules_come_from_the_startup_adapters_and_later_ones_must_fit(tmp_path, adapters):
+    import dataclasses
+
+    auto = dataclasses.replace(BASE, lora_target_modules="auto")
+
+    def start(startup, base=auto):
+        roots = [str(adapters["root"]), str(XIAO_HUANG_DIR.parent)]
+        return LoraRegistry(str(tmp_path / "state"), [base], roots, startup, DATABASE_URL)
+
+    reg = start({"qv": StartupAdapter("tiny-chat", str(adapters["a"]))})
+    assert run(reg.state()).engine_modules == {"tiny-chat": ("q_proj", "v_proj")}
+    run(reg.register("b", str(adapters["b"])))  # q_proj and v_proj too: fits
+    with pytest.raises(ConfigError, match=r"LoRA weights on \['down_proj', 'gate_proj'.*lora_target_modules"):
+        run(reg.register("xh", str(XIAO_HUANG_DIR)))  # every linear module: vLLM would drop most of it
+    assert "xh" not in run(reg.state()).adapters
+    again = start({"qv": StartupAdapter("tiny-chat", str(adapters["a"]))})  # a restart decides alike
+    assert run(again.state()).engine_modules == {"tiny-chat": ("q_proj", "v_proj")}
+
+
+def test_auto_without_adapters_takes_any_and_a_listed_set_refuses_at_start(tmp_path, adapters):
+    import dataclasses
+
+    bare = LoraRegistry(
+        str(tmp_path / "bare"),
+        [dataclasses.replace(BASE, lora_target_modules="auto")],
+        [str(XIAO_HUANG_DIR.parent)],
+        {},
+        DATABASE_URL,
+    )
+    assert run(bare.state()).engine_modules == {"tiny-chat": None}  # None: every module
+    run(bare.register("xh", str(XIAO_HUANG_DIR)))
+    listed = dataclasses.replace(BASE, lora_target_modules=["qkv_proj"])
+    with pytest.raises(ConfigError, match=r"apply LoRA only to \['k_proj', 'q_proj', 'v_proj'\]"):
+        LoraRegistry(
+            str(tmp_path / "listed"),
+            [listed],
+            [],
+            {"xh": StartupAdapter("tiny-chat", str(XIAO_HUANG_DIR))},
+            DATABASE_URL,
+        )

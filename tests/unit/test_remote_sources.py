@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from lora_registry.registry import VLLM_LORA_MODULES, BaseModelSpec, LoraRegistry
+from lora_registry.registry import BaseModelSpec, LoraRegistry
 from lora_registry.remote_sources import AdapterCache, AdapterSourceError, checksum
+from serve_app.engines.lora_targets import VLLM_LORA_MODULES
 from serve_app.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 from tests.s3_server import upload_folder
