@@ -127,10 +127,9 @@ def write_adapters(
     from peft import LoraConfig, get_peft_model
 
     paths = []
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
+    peft_model = get_peft_model(meta_model(model_dir), config)  # once: each adapter only gets new values
     for k in range(count):
-        model = meta_model(model_dir)
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
-        peft_model = get_peft_model(model, config)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
         # The LoRA factors were made on the meta device like the base: give them real values.
         for name, param in list(peft_model.named_parameters()):

@@ -21,7 +21,7 @@ from serve_app.engines import lora_slots, lora_targets
 from serve_app.messages import Delta, FirstMessage, GenerationRequest, ServedBy
 from serve_app.platform import freeze_startup_heap, has_nvidia_gpu
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # Serve's logger: lands in the replica's log file
 
 # A client still sees its answer grow every few engine steps, however many streams share a replica.
 MAX_TOKENS_PER_MESSAGE = 16
@@ -42,9 +42,16 @@ class LLMServer:
         # lora_target_modules the registry's decision for this model
         registered, modules = await _registered_adapters(registry, model)
         model = model.model_copy(update={"engine": lora_targets.with_modules(model.engine, modules)})
-        if model.engine.enable_lora:
-            logger.info("LoRA modules of %s's engine: %s", model.served_name, list(modules) if modules else "all")
         self.model, self.slots = lora_slots.for_model(model, registered)
+        if model.engine.enable_lora:
+            logger.info(
+                "%s: %d adapter slots in the engine, %d in host memory (%d registered); LoRA on %s",
+                model.served_name,
+                self.slots.engine,
+                self.slots.host,
+                registered,
+                list(modules) if modules else "every module",
+            )
         starter = engine_starter or start_engine
         self.engine = await starter(self.model)
         # engine processes and socket files must not outlive a killed replica
