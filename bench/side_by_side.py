@@ -532,9 +532,14 @@ def run_system(system, starter, args, tag: str, found: Findings) -> None:
     """Start one system, load it at every concurrency, stop it; a row is the median of its runs so far."""
     import socket
 
-    with socket.socket() as probe:  # a server left by an interrupted run would answer in this one's place
-        if probe.connect_ex(("127.0.0.1", PORT)) == 0:
+    deadline = time.monotonic() + 60  # the previous system's server may still be letting go of it
+    while True:  # a server left by an interrupted run would answer in this one's place
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", PORT)) != 0:
+                break
+        if time.monotonic() > deadline:
             raise SystemExit(f"port {PORT} is taken (a server of an interrupted run?); stop it first")
+        time.sleep(1)
     launched = time.monotonic()
     proc = starter()
     try:
