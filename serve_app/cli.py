@@ -72,6 +72,8 @@ def _flag_type(annotation):
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     kinds = [typing.get_origin(a) or a for a in (typing.get_args(annotation) if union else (annotation,))]
     kinds = [k for k in kinds if k is not type(None)]
+    if typing.Literal in kinds and list in kinds:  # a word or names, e.g. --lora_target_modules q_proj,v_proj
+        return _word_or_names
     if typing.Literal in kinds:  # a number or a word, e.g. --max_loras auto
         return _number_or_word
     return {bool: str2bool, dict: json.loads}.get(kinds[0], kinds[0])
@@ -79,6 +81,10 @@ def _flag_type(annotation):
 
 def _number_or_word(text: str) -> int | str:
     return int(text) if text.isdigit() else text
+
+
+def _word_or_names(text: str) -> str | list[str]:
+    return text if text in ("auto", "all") else [name.strip() for name in text.split(",") if name.strip()]
 
 
 def engine_options_from_args(args: argparse.Namespace, choice: ModelChoice):

@@ -149,7 +149,7 @@ class EngineOptions(Strict):
         "auto",
         description="modules the engine applies LoRA to (vLLM lora_target_modules); auto: those the adapters "
         "registered at start carry (every module when there are none), all: every module vLLM supports, or a list "
-        "such as [q_proj, v_proj]; an adapter needing another module is refused",
+        "such as [q_proj, v_proj] (q_proj,v_proj as a flag); an adapter needing another module is refused",
     )
     max_num_seqs: int | None = Field(None, ge=1, description="sequences per engine step (batch size)")
     seed: int = Field(0, description="engine seed")

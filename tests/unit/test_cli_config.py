@@ -94,6 +94,8 @@ def test_engine_options_reach_vllm_under_their_own_names():
     with pytest.raises(ValueError, match="resolved first"):
         EngineOptions(enable_lora=True).vllm_kwargs()  # "auto" is decided where the accelerator is known
     assert config("--max_loras", "auto", "--max_cpu_loras", "9").models[0].engine.max_cpu_loras == 9
+    for flag, want in (("q_proj,v_proj", ["q_proj", "v_proj"]), ("all", "all"), ("auto", "auto")):
+        assert config("--lora_target_modules", flag).models[0].engine.lora_target_modules == want
     assert set(EngineOptions.model_fields) - {"engine_kwargs"} <= set(ENGINE_ARGS)
 
 
