@@ -51,7 +51,8 @@ def refusal(name: str, base: str, bad: list[str], engine: tuple[str, ...], setti
     return (
         f"adapter '{name}' has LoRA weights on {bad}, but the engines of '{base}' apply LoRA only to "
         f"{list(engine)} (lora_target_modules: {setting}, {why}; fewer modules make LoRA steps faster). "
-        f"Set the model's engine lora_target_modules to all, or list these modules too, and redeploy."
+        f"Redeploy with lora_target_modules all, or with these modules listed too (serve_config.yaml: the "
+        f"model's engine.lora_target_modules; lorafleet deploy: --lora_target_modules all)."
     )
 
 
