@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.engines.lora_targets import VLLM_LORA_MODULES
 from serve_app.model_types import MODELS, check_remote_code, get_model_info, trusts_remote_code
 from serve_app.qwen1_convert import servable_adapter
 
@@ -178,8 +179,6 @@ class EngineOptions(Strict):
     @field_validator("lora_target_modules")
     @classmethod
     def _known_modules(cls, value):
-        from serve_app.engines.lora_targets import VLLM_LORA_MODULES
-
         if isinstance(value, list) and (not value or set(value) - VLLM_LORA_MODULES):
             raise ValueError(
                 f"lora_target_modules {value} is not auto, all or a non-empty list of {sorted(VLLM_LORA_MODULES)}"

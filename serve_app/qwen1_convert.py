@@ -53,18 +53,22 @@ def servable_dir(path: str, log=print) -> str:
     """`path`, or for a Qwen(1) checkpoint its Qwen2 conversion (made once, then reused)."""
     if not is_qwen1(path):
         return path
+    why = f"a Qwen(1) checkpoint ({ARCHITECTURE}), which vLLM no longer serves; converting it once to the Qwen2 layout"
+    return _converted_once(path, "config.json", convert, f"[lorafleet] {path} is {why}", log)
+
+
+def _converted_once(path: str, marker: str, converter, message: str, log) -> str:
+    """The cached conversion of `path` (done `out` holds `marker`), made by `converter(path, out)`
+    the first time, once per node even when several replicas ask at once."""
     out = _cache_root() / f"{Path(path).name}-qwen2-{_fingerprint(Path(path))}"
-    if (out / "config.json").exists():
+    if (out / marker).exists():
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another replica on this node may be converting it
-        if not (out / "config.json").exists():
-            log(
-                f"[lorafleet] {path} is a Qwen(1) checkpoint ({ARCHITECTURE}), which vLLM no longer serves; "
-                f"converting it once to the Qwen2 layout in {out}"
-            )
-            convert(path, out)
+        if not (out / marker).exists():
+            log(f"{message} in {out}")
+            converter(path, out)
     return str(out)
 
 
@@ -340,18 +344,8 @@ def servable_adapter(path: str, log=print) -> str:
     """`path`, or for an adapter trained on a Qwen(1) checkpoint its Qwen2 form (made once)."""
     if not is_qwen1_adapter(path):
         return path
-    out = _cache_root() / f"{Path(path).name}-qwen2-{_fingerprint(Path(path))}"
-    if (out / "adapter_config.json").exists():
-        return str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "adapter_config.json").exists():
-            log(
-                f"[lorafleet] {path} is a LoRA adapter of a Qwen(1) checkpoint; converting it once to Qwen2 names in {out}"
-            )
-            convert_adapter(path, out)
-    return str(out)
+    why = "a LoRA adapter of a Qwen(1) checkpoint; converting it once to Qwen2 names"
+    return _converted_once(path, "adapter_config.json", convert_adapter, f"[lorafleet] {path} is {why}", log)
 
 
 def convert_adapter(src: str | Path, out: str | Path) -> Path:
