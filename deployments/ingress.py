@@ -36,6 +36,7 @@ from deployments.http.request_metrics import Metrics
 from deployments.http.responses import ResponseBuilder, ResponseOptions
 from deployments.http.tenants import Caller, Gate, RateLimits, bearer
 from deployments.http.tool_calls import ToolPlan
+from deployments.renderer import Renderer
 from lora_registry.adapter_store import RegistryState
 from lora_registry.follower import follow_registry
 from lora_registry.key_store import KEY_PREFIX, KeySpec, hash_key
@@ -68,6 +69,11 @@ class Ingress:
     async def __init__(self, config: AppConfig, renderer, servers: dict, registry):
         self.config = config
         self.renderer = renderer
+        # Short prompts render here, with the Renderer deployment's own code: ~1 ms of work, against a
+        # Serve call that waited 45-60 ms at 64 streams on an H200 (docs/benchmarks.md, issue 21).
+        # Long ones still go to the Renderer deployment, which scales apart and keeps this loop free.
+        self.inline_max_chars = config.renderer.inline_max_chars
+        self.local_renderer = Renderer(config.models) if self.inline_max_chars else None
         self.servers = servers
         self.registry = registry
         self.models: dict[str, ModelConfig] = {m.served_name: m for m in config.models}
@@ -550,7 +556,7 @@ class Ingress:
                 param="priority",
             )
         started = time.perf_counter()
-        rendered = await asyncio.gather(*(self.renderer.render.remote(r) for r in renders))
+        rendered = await asyncio.gather(*(self._render(r) for r in renders))
         self.metrics.render_call.labels(req.model).observe(time.perf_counter() - started)
         self.metrics.render_work.labels(req.model).observe(max(p.render_s for p in rendered))
         streams = [self._engine_stream(kind, req, p, model, adapter, options, structured) for p in rendered]
@@ -568,6 +574,13 @@ class Ingress:
                 self.metrics.engine_ttft.labels(req.model).observe(served.first_token_s)
                 first += _shifted(opening.deltas, i * req.n)
         return rendered, streams, first, started
+
+    def _render(self, request: RenderRequest):
+        if self.local_renderer and request.size_chars() <= self.inline_max_chars:
+            self.metrics.renders.labels("ingress").inc()
+            return self.local_renderer.render(request)
+        self.metrics.renders.labels("renderer").inc()
+        return self.renderer.render.remote(request)
 
     def _engine_stream(self, kind, req, rendered, model, adapter, options: ResponseOptions, structured):
         prompt_logprobs = req.prompt_logprobs

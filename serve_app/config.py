@@ -298,6 +298,12 @@ def default_renderer_replicas() -> int:
 
 
 class RendererConfig(Strict):
+    inline_max_chars: int = Field(
+        8192,
+        ge=0,
+        description="prompts of up to this many characters (messages and tools as JSON) render in the ingress's "
+        "own process, longer ones on the Renderer deployment; 0 sends every render there",
+    )
     deployment: DeploymentOptions = Field(
         # Autoscaled on its own queue: a replica is added when renders wait (more than 2 in flight per
         # replica for upscale_delay_s), so long prompts under load do not queue behind one event loop.

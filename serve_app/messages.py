@@ -6,6 +6,7 @@ Ingress ──GenerationRequest──▶ LLMServer ──FirstMessage, then list
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 
@@ -126,6 +127,12 @@ class RenderRequest:
     truncate_prompt_tokens: int | None = None
     return_text: bool = False  # send the prompt's text back (completions' echo)
     adapter: AdapterRef | None = None  # an adapter folder that ships its own chat template renders with it
+
+    def size_chars(self) -> int:
+        """About how much text rendering it tokenizes, for choosing where it renders (token ids: none)."""
+        if self.messages is None:
+            return len(self.prompt) if isinstance(self.prompt, str) else 0
+        return len(json.dumps([self.messages, self.tools], ensure_ascii=False, default=str))
 
 
 @dataclass(frozen=True)

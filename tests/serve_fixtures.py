@@ -52,6 +52,8 @@ def main_config() -> AppConfig:
                 },
             ],
             "ingress": {"max_body_bytes": 64 * 1024},
+            # Both render paths in one app: short chats render in the ingress, longer ones on the Renderer.
+            "renderer": {"inline_max_chars": 120},
             "registry": {"state_dir": f"{STATE}/main"},
         }
     )

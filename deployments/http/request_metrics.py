@@ -45,8 +45,13 @@ class Metrics:
         # (adapter load, queue, prefill); the rest of the ingress's TTFT is the hops between deployments.
         self.render_call = self._seconds(
             "lorafleet_render_seconds",
-            "Render call from the ingress (template + tokenize on the renderer, and the hop there and back)",
+            "Rendering in the ingress: in its own process, or the call to the Renderer deployment with its hops",
             _STEP_BUCKETS,
+        )
+        self.renders = self._counter(
+            "lorafleet_renders",
+            "Renders by where they ran: in the ingress's process (short prompts) or on the Renderer deployment",
+            ["where"],
         )
         self.render_work = self._seconds(
             "lorafleet_render_work_seconds",

@@ -54,6 +54,32 @@ def test_chat_answers_equal_the_offline_api(client, pt_engine):
         assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
 
 
+def test_short_chats_render_in_the_ingress_and_long_ones_on_the_renderer(client, main_app, pt_engine):
+    """main_config renders up to 120 characters of messages in the ingress; both paths give the oracle's answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serve_app.template import messages_to_conversation
+
+    def renders():
+        text = httpx.get(f"{main_app}/metrics").text
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        return {s.labels["where"]: s.value for s in samples if s.name == "lorafleet_renders_total"}
+
+    template = get_template("qwen", pt_engine.hf_tokenizer)
+    short = [{"role": "user", "content": "你好!"}]
+    long = [{"role": "system", "content": "You are a helpful assistant. " * 4}, *CHATS[2][1]]
+    for messages, where in ((short, "ingress"), (long, "renderer")):
+        before = renders()
+        answer = client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0)
+        after = renders()
+        assert after.get(where, 0) - before.get(where, 0) == 1
+        assert sum(after.values()) - sum(before.values()) == 1
+        system, history, query = messages_to_conversation(messages)
+        request = {"query": query, "history": history, **({"system": system} if system else {})}
+        expected = inference_vllm(pt_engine, template, [request])[0]
+        assert answer.choices[0].message.content == expected["response"]
+
+
 def test_stream_concatenates_to_the_full_answer(client):
     messages = CHATS[2][1]
     full = client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0)
