@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -89,6 +90,7 @@ def start_vllm(args) -> subprocess.Popen:
         cmd += ["--enable-lora", "--max-loras", str(args.max_loras), "--max-lora-rank", str(args.lora_rank)]
         cmd += ["--max-cpu-loras", str(args.max_cpu_loras)] if args.max_cpu_loras else []
         cmd += ["--lora-modules", *(f"{n}={p}" for n, p in args.adapters.items())]
+    cmd += shlex.split(args.vllm_flags)
     log = open(Path(args.out) / "vllm-server.log", "w")  # noqa: SIM115 (lives as long as the server)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # what lorafleet sets for its CPU engines
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # its (development-only) adapter API, for the latency row
@@ -490,6 +492,12 @@ def main() -> None:
         nargs=argparse.REMAINDER,
         default=[],
         help="last: flags added to lorafleet-deploy's command (a tuned variant), e.g. --deploy-flags --max_loras 8",
+    )
+    parser.add_argument(
+        "--vllm-flags",
+        default="",
+        help="flags added to vLLM's server command (a tuned variant), as one string: "
+        "--vllm-flags='--lora-target-modules q_proj v_proj'",
     )
     parser.add_argument("--lora-concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

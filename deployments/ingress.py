@@ -556,11 +556,11 @@ class Ingress:
                 param="priority",
             )
         started = time.perf_counter()
-        rendered = await asyncio.gather(*(self._render(r) for r in renders))
+        rendered = await _all(self._render(r) for r in renders)
         self.metrics.render_call.labels(req.model).observe(time.perf_counter() - started)
         self.metrics.render_work.labels(req.model).observe(max(p.render_s for p in rendered))
         streams = [self._engine_stream(kind, req, p, model, adapter, options, structured) for p in rendered]
-        openings = await asyncio.gather(*(_first_message(s) for s in streams), return_exceptions=True)
+        openings = await _all((_first_message(s) for s in streams), return_exceptions=True)
         if failed := [o for o in openings if isinstance(o, BaseException)]:
             for s in streams:
                 s.cancel()
@@ -685,6 +685,20 @@ async def _merged(streams: list, n: int):
     finally:
         for task in pumps:
             task.cancel()
+
+
+async def _all(awaitables, return_exceptions: bool = False) -> list:
+    """asyncio.gather, but one awaitable is awaited in place: gather's task would first wait its turn
+    behind every stream's callbacks on this loop (a render there measured 17.7 ms for 0.7 ms of work)."""
+    awaitables = list(awaitables)
+    if len(awaitables) != 1:
+        return await asyncio.gather(*awaitables, return_exceptions=return_exceptions)
+    try:
+        return [await awaitables[0]]
+    except Exception as e:
+        if not return_exceptions:
+            raise
+        return [e]
 
 
 async def _first_message(stream) -> FirstMessage | None:
