@@ -301,8 +301,9 @@ class RendererConfig(Strict):
     inline_max_chars: int = Field(
         8192,
         ge=0,
-        description="prompts of up to this many characters (messages and tools as JSON) render in the ingress's "
-        "own process, longer ones on the Renderer deployment; 0 sends every render there",
+        description="requests with up to this many characters of text (all prompts, messages and tools) render "
+        "in the ingress's own process unless their adapter ships a chat template; the rest on the Renderer "
+        "deployment; 0 sends every render there",
     )
     deployment: DeploymentOptions = Field(
         # Autoscaled on its own queue: a replica is added when renders wait (more than 2 in flight per

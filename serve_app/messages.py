@@ -6,7 +6,6 @@ Ingress ──GenerationRequest──▶ LLMServer ──FirstMessage, then list
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 
@@ -129,10 +128,21 @@ class RenderRequest:
     adapter: AdapterRef | None = None  # an adapter folder that ships its own chat template renders with it
 
     def size_chars(self) -> int:
-        """About how much text rendering it tokenizes, for choosing where it renders (token ids: none)."""
+        """The characters of text in the messages and tools (a token id counts as one), for choosing
+        where it renders: a walk over the values, no copy of the text."""
         if self.messages is None:
-            return len(self.prompt) if isinstance(self.prompt, str) else 0
-        return len(json.dumps([self.messages, self.tools], ensure_ascii=False, default=str))
+            return len(self.prompt or ())
+        return _text_chars(self.messages) + _text_chars(self.tools)
+
+
+def _text_chars(value) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_chars(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_text_chars(v) for v in value)
+    return 0
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,9 @@ class Metrics:
         # (adapter load, queue, prefill); the rest of the ingress's TTFT is the hops between deployments.
         self.render_call = self._seconds(
             "lorafleet_render_seconds",
-            "Rendering in the ingress: in its own process, or the call to the Renderer deployment with its hops",
+            "Rendering a request's prompts, by where: in the ingress's process, or the Renderer deployment's call",
             _STEP_BUCKETS,
+            ["model", "where"],
         )
         self.renders = self._counter(
             "lorafleet_renders",
@@ -90,9 +91,9 @@ class Metrics:
     def _counter(self, name: str, doc: str, labels: list[str]) -> Counter:
         return Counter(name, doc, labels, registry=self.registry)
 
-    def _seconds(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-        """A duration histogram by model."""
-        return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry)
+    def _seconds(self, name: str, doc: str, buckets: tuple[float, ...], labels=("model",)) -> Histogram:
+        """A duration histogram, by model unless said."""
+        return Histogram(name, doc, list(labels), buckets=buckets, registry=self.registry)
 
     def finished(self, model: str, route: str, status: int, error_type: str | None = None) -> None:
         self.requests.labels(model, route, str(status)).inc()

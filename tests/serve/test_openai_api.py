@@ -54,30 +54,70 @@ def test_chat_answers_equal_the_offline_api(client, pt_engine):
         assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
 
 
-def test_short_chats_render_in_the_ingress_and_long_ones_on_the_renderer(client, main_app, pt_engine):
-    """main_config renders up to 120 characters of messages in the ingress; both paths give the oracle's answer."""
+def _renders(main_app) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from serve_app.template import messages_to_conversation
+    text = httpx.get(f"{main_app}/metrics").text
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    return {s.labels["where"]: s.value for s in samples if s.name == "lorafleet_renders_total"}
 
-    def renders():
-        text = httpx.get(f"{main_app}/metrics").text
-        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-        return {s.labels["where"]: s.value for s in samples if s.name == "lorafleet_renders_total"}
+
+def _rendered_at(main_app, where: str, count: int, call) -> object:
+    """call(), which must render `count` prompts, all of them at `where`."""
+    before = _renders(main_app)
+    result = call()
+    after = _renders(main_app)
+    assert after.get(where, 0) - before.get(where, 0) == count
+    assert sum(after.values()) - sum(before.values()) == count
+    return result
+
+
+def test_short_chats_render_in_the_ingress_and_long_ones_on_the_renderer(client, main_app, pt_engine):
+    """main_config renders up to 120 characters of text per request in the ingress; both paths give the
+    oracle's answer."""
+    from serve_app.template import messages_to_conversation
 
     template = get_template("qwen", pt_engine.hf_tokenizer)
     short = [{"role": "user", "content": "你好!"}]
     long = [{"role": "system", "content": "You are a helpful assistant. " * 4}, *CHATS[2][1]]
     for messages, where in ((short, "ingress"), (long, "renderer")):
-        before = renders()
-        answer = client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0)
-        after = renders()
-        assert after.get(where, 0) - before.get(where, 0) == 1
-        assert sum(after.values()) - sum(before.values()) == 1
+        answer = _rendered_at(
+            main_app,
+            where,
+            1,
+            lambda m=messages: client.chat.completions.create(model="tiny-chat", messages=m, temperature=0),
+        )
         system, history, query = messages_to_conversation(messages)
         request = {"query": query, "history": history, **({"system": system} if system else {})}
         expected = inference_vllm(pt_engine, template, [request])[0]
         assert answer.choices[0].message.content == expected["response"]
+
+
+def test_a_request_renders_in_one_place_and_adapters_own_templates_on_the_renderer(client, main_app):
+    """Prompts of one request are counted together; an adapter's own chat template (a tenant's code)
+    never runs in the ingress."""
+    import shutil
+    from pathlib import Path
+
+    from serve_app.model_types import XIAO_HUANG_DIR
+    from tests.serve_fixtures import STATE
+
+    two = ["Tell me a story about the sea.", "Tell me a story about the mountains and the rivers, please."]
+    each = _rendered_at(main_app, "ingress", 1, lambda: client.completions.create(model="tiny-chat", prompt=two[1]))
+    both = _rendered_at(main_app, "renderer", 4, lambda: client.completions.create(model="tiny-chat", prompt=two * 2))
+    assert [c.text for c in both.choices][1::2] == [each.choices[0].text] * 2
+
+    folder = Path(STATE) / "main" / "adapters" / "own-template-render"
+    shutil.copytree(XIAO_HUANG_DIR, folder, dirs_exist_ok=True)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    body = {"lora_name": "own-template-render", "lora_path": str(folder)}
+    assert httpx.post(f"{main_app}/v1/load_lora_adapter", json=body, timeout=60).is_success
+    messages = [{"role": "user", "content": "hi"}]
+    for model, where in (("own-template-render", "renderer"), ("xiao-huang", "ingress")):
+        _rendered_at(main_app, where, 1, lambda m=model: client.chat.completions.create(model=m, messages=messages))
 
 
 def test_stream_concatenates_to_the_full_answer(client):
@@ -276,7 +316,7 @@ def test_metrics_split_time_to_first_token_into_render_engine_and_hops(client, m
         for family in text_string_to_metric_families(httpx.get(f"{main_app}/metrics").text):
             for sample in family.samples:
                 if sample.labels.get("model") == "tiny-chat" and sample.name.endswith(("_sum", "_count")):
-                    found[sample.name] = sample.value
+                    found[sample.name] = found.get(sample.name, 0) + sample.value  # the render's: both places
         return found
 
     before = sums()
