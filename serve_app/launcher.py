@@ -17,11 +17,11 @@ def run_app(
 ) -> str:
     """Deploy the graph on a local (or already running) Ray cluster; returns the base URL."""
     import ray
-    from ray import serve
-
-    from serve_app.app import build_from_config
 
     if not ray.is_initialized():
+        # Before anything imports ray.serve in this process: Serve reads its settings once, at that
+        # import, here too, and the app's handles are made here. Imported first, Serve's defaults
+        # stuck to them: every call between deployments went over Ray actor calls instead of gRPC.
         apply_serve_env()
         if not _cluster_running():
             clear_stale_haproxy()  # an earlier run killed without a shutdown may hold the ports
@@ -31,6 +31,10 @@ def run_app(
             # shutdown timeout. Streams still drain (graceful_shutdown_timeout_s).
             os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
         ray.init(address="auto" if _cluster_running() else None, log_to_driver=False)
+    from ray import serve
+
+    from serve_app.app import build_from_config
+
     url = f"http://{host}:{port}{page}"
     _stop_on_sigterm()
     try:  # Ctrl-C while the app starts stops it too, instead of leaving a half-started app behind
