@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from serve_app.platform import apply_serve_env
 from tests.adapter_factory import make_adapter
+
+# Before collection imports any module that imports ray.serve: Serve reads its settings once, at that
+# import, and the apps the test processes build keep them (gRPC between deployments among them), as the
+# apps `lorafleet deploy` and scripts/run.sh build for users do.
+apply_serve_env()
 
 pytest_plugins = [
     "tests.serve_fixtures",
