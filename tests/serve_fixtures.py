@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -188,6 +189,22 @@ def eventually(call, timeout: float):
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
+
+
+@functools.cache
+def _engine_handle(model: str, app: str):
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"LLMServer:{model}", app_name=app)
+    # Called from plain test code: the router gets a loop of its own, which Serve's throughput-optimized
+    # settings (the ones users run) leave off, expecting callers inside a replica's event loop.
+    handle._init(_run_router_in_separate_loop=True)
+    return handle
+
+
+def engine_running(model: str, app: str = "main") -> int:
+    """Requests the model's engine replica is running now."""
+    return _engine_handle(model, app).num_running.remote().result()
 
 
 def free_port() -> int:

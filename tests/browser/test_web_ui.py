@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from ray import serve
+
+from tests.serve_fixtures import engine_running
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -34,9 +35,8 @@ def page(main_app):
 
 def running(model: str) -> int:
     """Requests the model's engine is running now (asked from a thread: Playwright owns this loop)."""
-    handle = serve.get_deployment_handle(f"LLMServer:{model}", app_name="main")
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(lambda: handle.num_running.remote().result()).result()
+        return pool.submit(engine_running, model).result()
 
 
 def test_adapter_answer_streams_in(page):

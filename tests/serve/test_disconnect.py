@@ -4,14 +4,14 @@ import time
 
 import httpx
 import pytest
-from ray import serve
+
+from tests.serve_fixtures import engine_running
 
 pytestmark = pytest.mark.slow
 
 
 def running(model: str) -> int:
-    handle = serve.get_deployment_handle(f"LLMServer:{model}", app_name="main")
-    return handle.num_running.remote().result()
+    return engine_running(model)
 
 
 @pytest.mark.parametrize("model", ["tiny-chat", "tiny-base"])

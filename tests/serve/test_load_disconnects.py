@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from ray import serve
+
+from tests.serve_fixtures import engine_running
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from disconnect_load import run_load  # noqa: E402
@@ -29,7 +30,6 @@ def engine_replica_rss() -> int:
 
 def test_many_streams_with_hangups(main_app):
     # 16 tokens per stream: 256 concurrent streams and random hang-up points are the subject, not length.
-    handle = serve.get_deployment_handle("LLMServer:tiny-chat", app_name="main")
     # A first round of the same size, so the baseline includes what the allocators keep.
     warm = asyncio.run(run_load(main_app, "tiny-chat", clients=256, leave_share=0.2, max_tokens=16, seed=1))
     assert not warm.problems, warm.problems[:5]
@@ -41,9 +41,9 @@ def test_many_streams_with_hangups(main_app):
     assert 30 <= outcome.disconnected <= 80  # about 20% hung up, at random points
 
     deadline = time.monotonic() + 10
-    while handle.num_running.remote().result() and time.monotonic() < deadline:
+    while engine_running("tiny-chat") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert handle.num_running.remote().result() == 0
+    assert engine_running("tiny-chat") == 0
     assert engine_replica_rss() <= baseline * 1.05 + (32 << 20)
 
 

@@ -53,3 +53,37 @@ def test_socket_folders_of_dead_engine_processes_are_removed_at_the_next_start(t
         assert os.environ["VLLM_RPC_BASE_PATH"] == folder and os.path.basename(folder).split("-")[3] == str(os.getpid())
     assert "VLLM_RPC_BASE_PATH" not in os.environ  # set only while an engine starts
     assert not orphan.exists() and living.exists() and other.exists()
+
+
+# `lorafleet deploy` up to the moment it starts Ray, in a fresh process without Serve's settings
+# (the HAProxy clean-up skipped: the suite's cluster may be running one).
+_DEPLOY_UNTIL_RAY_STARTS = """
+import ray
+import serve_app.launcher
+from serve_app import cli
+
+def started(*args, **kwargs):
+    from ray.serve._private import constants
+    print("gRPC between deployments:", constants.RAY_SERVE_USE_GRPC_BY_DEFAULT)
+    raise SystemExit(0)
+
+ray.init = started
+serve_app.launcher.clear_stale_haproxy = lambda: None
+cli.main(["deploy", "--model_type", "tiny-chat"])
+"""
+
+
+def test_deploy_sets_serve_settings_before_serve_reads_them():
+    """Serve reads its settings when ray.serve is first imported, also in the process that builds the
+    app, whose handles keep them: imported before they were set, every call between deployments went
+    over Ray actor calls instead of gRPC."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", _DEPLOY_UNTIL_RAY_STARTS], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert "gRPC between deployments: True" in out.stdout, out.stdout + out.stderr
