@@ -72,8 +72,7 @@ class Ingress:
         # Short prompts render here, with the Renderer deployment's own code: ~1 ms of work, against a
         # Serve call that waited 45-60 ms at 64 streams on an H200 (docs/benchmarks.md, issue 21).
         # Long ones still go to the Renderer deployment, which scales apart and keeps this loop free.
-        self.inline_max_chars = config.renderer.inline_max_chars
-        self.local_renderer = Renderer(config.models) if self.inline_max_chars else None
+        self.local_renderer = Renderer(config.models) if config.renderer.inline_max_chars else None
         self.servers = servers
         self.registry = registry
         self.models: dict[str, ModelConfig] = {m.served_name: m for m in config.models}
@@ -559,7 +558,6 @@ class Ingress:
         where, render = self._renderer_for(renders)
         rendered = await _all(render(r) for r in renders)
         self.metrics.render_call.labels(req.model, where).observe(time.perf_counter() - started)
-        self.metrics.renders.labels(where).inc(len(renders))
         self.metrics.render_work.labels(req.model).observe(max(p.render_s for p in rendered))
         streams = [self._engine_stream(kind, req, p, model, adapter, options, structured) for p in rendered]
         openings = await _all((_first_message(s) for s in streams), return_exceptions=True)
@@ -582,7 +580,7 @@ class Ingress:
         own chat template (a tenant's template runs on the Renderer deployment, never on this loop)."""
         here = (
             self.local_renderer is not None
-            and sum(r.size_chars() for r in renders) <= self.inline_max_chars
+            and sum(r.size_chars() for r in renders) <= self.config.renderer.inline_max_chars
             and not any(r.adapter and adapter_chat_template(r.adapter) for r in renders)
         )
         return ("ingress", self.local_renderer.render) if here else ("renderer", self.renderer.render.remote)

@@ -49,11 +49,6 @@ class Metrics:
             _STEP_BUCKETS,
             ["model", "where"],
         )
-        self.renders = self._counter(
-            "lorafleet_renders",
-            "Renders by where they ran: in the ingress's process (short prompts) or on the Renderer deployment",
-            ["where"],
-        )
         self.render_work = self._seconds(
             "lorafleet_render_work_seconds",
             "The renderer's own work in a render call (template + tokenize); the call minus this is the hop",
