@@ -431,14 +431,14 @@ def table(results: dict) -> str:
     ]
     for (system, c), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "vllm")):
         ratio = (
-            r["output_throughput"] / results[("vllm", c)]["output_throughput"]
+            f'{r["output_throughput"] / results[("vllm", c)]["output_throughput"]:.2f}x'
             if ("vllm", c) in results
-            else float("nan")
+            else "-"  # no vLLM row at this concurrency to compare with
         )
         each = r.get("throughputs", [])
         spread = f" ({', '.join(f'{t:.0f}' for t in each)})" if len(each) > 1 else ""
         rows.append(
-            f"| {system} | {c} | {r['output_throughput']:.0f}{spread} | {ratio:.2f}x | {r['p50_ttft_ms']:.1f} "
+            f"| {system} | {c} | {r['output_throughput']:.0f}{spread} | {ratio} | {r['p50_ttft_ms']:.1f} "
             f"| {r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} | {per_message(r)} |"
         )
     return "\n".join(rows)
