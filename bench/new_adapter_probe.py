@@ -3,12 +3,14 @@
 comparison the first token of that adapter once resident and of the base model; medians.
 
     python bench/new_adapter_probe.py http://127.0.0.1:8000/v1 tiny-chat ADAPTER_DIR [ADAPTER_DIR ...]
+    PROBE_GAP_MS=20 python bench/new_adapter_probe.py ...   # a client that waits 20 ms before its first request
 
 Each ADAPTER_DIR is a fresh PEFT adapter of the served model, inside the server's allowed roots.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -28,6 +30,7 @@ def first_token(client: httpx.Client, url: str, model: str) -> float:
 
 def main() -> None:
     url, base, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+    gap_s = float(os.environ.get("PROBE_GAP_MS", 0)) / 1e3  # between the registration's answer and the request
     parts: dict[str, list[float]] = {"registration": [], "new adapter": [], "resident adapter": [], "base": []}
     with httpx.Client(timeout=120) as client:  # one client, made before any clock starts
         for _ in range(3):
@@ -37,6 +40,7 @@ def main() -> None:
             started = time.perf_counter()
             client.post(f"{url}/load_lora_adapter", json={"lora_name": name, "lora_path": path}).raise_for_status()
             parts["registration"].append(time.perf_counter() - started)
+            time.sleep(gap_s)
             parts["new adapter"].append(first_token(client, url, name))
             parts["resident adapter"].append(first_token(client, url, name))
             parts["base"].append(first_token(client, url, base))

@@ -431,7 +431,7 @@ def table(results: dict) -> str:
     ]
     for (system, c), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "vllm")):
         ratio = (
-            f'{r["output_throughput"] / results[("vllm", c)]["output_throughput"]:.2f}x'
+            f"{r['output_throughput'] / results[('vllm', c)]['output_throughput']:.2f}x"
             if ("vllm", c) in results
             else "-"  # no vLLM row at this concurrency to compare with
         )

@@ -37,7 +37,7 @@ from deployments.http.responses import ResponseBuilder, ResponseOptions
 from deployments.http.tenants import Caller, Gate, RateLimits, bearer
 from deployments.http.tool_calls import ToolPlan
 from deployments.renderer import Renderer, adapter_chat_template
-from lora_registry.adapter_store import RegistryState
+from lora_registry.adapter_store import AdapterRecord, RegistryState
 from lora_registry.follower import follow_registry
 from lora_registry.key_store import KEY_PREFIX, KeySpec, hash_key
 from serve_app.config import AppConfig, ModelConfig
@@ -81,6 +81,7 @@ class Ingress:
         self.gate = Gate(config.ingress)
         self.limits = RateLimits(share=1 / config.ingress.deployment.most_replicas)
         self._keys_refreshed = 0.0
+        self._background: set[asyncio.Task] = set()
         self.adapter_state = await registry.state.remote()
         self._follower = asyncio.create_task(
             follow_registry(registry, self._set_adapter_state, self.adapter_state.version)
@@ -257,7 +258,7 @@ class Ingress:
         record = await self.registry.register.remote(
             body.lora_name, body.lora_path, base, body.replace, body.force, body.pinned, body.preload, caller.tenant
         )
-        await self._refresh_adapters()
+        self._registered(record)
         return {
             "object": "lora_adapter",
             "message": f"Success: LoRA adapter '{body.lora_name}' added successfully.",
@@ -294,7 +295,7 @@ class Ingress:
         record = await self.registry.register.remote(
             body.name, body.path, base, body.replace, body.force, body.pinned, body.preload, caller.tenant
         )
-        await self._refresh_adapters()
+        self._registered(record)
         return JSONResponse({"object": "lora_adapter", **record.to_dict()}, status_code=201)
 
     @app.patch("/v1/adapters/{name:path}")
@@ -438,6 +439,31 @@ class Ingress:
 
     async def _refresh_adapters(self) -> None:
         self.adapter_state = await self.registry.state.remote()
+
+    def _registered(self, record: AdapterRecord) -> None:
+        """After a registration this ingress made: its copy of the registry gets the record at once
+        (read-your-writes without a second registry call; the registry's next notice replaces the
+        whole copy, and a request that finds no record still asks the registry), and the replica
+        the adapter's first request will be routed to loads it now, if it has a free slot. The load
+        is not awaited: it overlaps this answer and the client's next request, as vLLM's server
+        loads an adapter at registration."""
+        adapters = {**self.adapter_state.adapters, record.name: record}
+        self.adapter_state = dataclasses.replace(self.adapter_state, adapters=adapters)
+        ref = AdapterRef(record.name, record.adapter_id, record.path, record.checksum)
+        handle = self.servers[record.base_model].options(multiplexed_model_id=str(record.adapter_id))
+        self._spawn(self._warm(handle.warm_adapter.remote(ref), record.name))
+
+    @staticmethod
+    async def _warm(response, name: str) -> None:
+        try:
+            await response
+        except Exception as error:  # its first request loads it instead (and reports any error)
+            logger.warning("loading adapter '%s' ahead of its first request failed: %s", name, error)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)  # (the loop keeps only weak references to tasks)
+        task.add_done_callback(self._background.discard)
 
     # --- request plumbing -------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from lora_registry.adapter_files import inspect_adapter
 from lora_registry.remote_sources import AdapterCache
 from serve_app.config import ModelConfig
 from serve_app.engines import lora_slots, lora_targets
-from serve_app.messages import Delta, FirstMessage, GenerationRequest, ServedBy
+from serve_app.messages import AdapterRef, Delta, FirstMessage, GenerationRequest, ServedBy
 from serve_app.platform import freeze_startup_heap, has_nvidia_gpu
 
 logger = logging.getLogger("ray.serve")  # Serve's logger: lands in the replica's log file
@@ -81,6 +81,15 @@ class LLMServer:
                         yield deltas
             finally:
                 self.streams -= 1
+
+    async def warm_adapter(self, adapter: AdapterRef) -> str:
+        """Load a just-registered adapter before its first request, routed here as that request
+        will be, if a slot is free: a registration never evicts an adapter that may be in use.
+        Returns where it stood ("resident", "loaded") or "skipped" (no free slot)."""
+        if not self.adapters.has_free_slot(adapter.adapter_id):
+            return "resident" if adapter.adapter_id in self.adapters.held else "skipped"
+        async with self.adapters.use(adapter) as residency:
+            return residency
 
     def _tokens_per_message(self) -> int:
         per = self.model.streams_per_token_batch

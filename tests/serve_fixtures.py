@@ -19,6 +19,17 @@ import pytest
 from serve_app.config import AppConfig
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
 
+
+def wait_for(predicate, timeout: float) -> bool:
+    """Whether `predicate()` came true within `timeout` seconds (polled every 0.5 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
 PORT = 8765
 BASE = f"http://127.0.0.1:{PORT}"
 API_KEY = "sk-test-key"

@@ -12,7 +12,7 @@ from ray import serve
 
 from serve_app.app import build_from_config
 from serve_app.config import AppConfig
-from tests.serve_fixtures import BASE, STATE
+from tests.serve_fixtures import BASE, STATE, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -20,15 +20,6 @@ pytestmark = pytest.mark.slow
 def replicas(app: str, deployment: str) -> int:
     status = serve.status().applications[app].deployments[deployment]
     return status.replica_states.get("RUNNING", 0)
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def engine_requests(url: str, model: str) -> dict[tuple[str, str], float]:

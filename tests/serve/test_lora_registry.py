@@ -24,7 +24,7 @@ from serve_app.template import get_template
 from tests.adapter_factory import make_adapter, make_foreign_adapter
 from tests.postgres_server import fresh_database
 from tests.s3_server import BUCKET, upload_folder
-from tests.serve_fixtures import BASE, FAST_START, STATE
+from tests.serve_fixtures import BASE, FAST_START, STATE, wait_for
 
 pytestmark = pytest.mark.slow
 URL = f"{BASE}/lora"
@@ -143,7 +143,10 @@ def residency() -> dict[str, list[int]]:
 
 def test_runtime_adapter_is_usable_at_once_everywhere_and_matches_peft(lora_app, adapters, oracle):
     path = adapters[1]["ad-0"]
-    assert load("ad-0", path).status_code == 200
+    registered = load("ad-0", path)
+    assert registered.status_code == 200
+    # the replica its first request goes to loads it at registration (a slot is free): no request yet
+    assert wait_for(lambda: registered.json()["adapter_id"] in sum(residency().values(), []), timeout=30)
     answers = [ask("ad-0") for _ in range(8)]  # spread over both ingress replicas by the proxy
     assert set(answers) == {oracle[str(path)]}
     assert oracle[str(path)] != oracle["base"]
