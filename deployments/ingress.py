@@ -447,18 +447,22 @@ class Ingress:
         the adapter's first request will be routed to loads it now, if it has a free slot. The load
         is not awaited: it overlaps this answer and the client's next request, as vLLM's server
         loads an adapter at registration."""
-        adapters = {**self.adapter_state.adapters, record.name: record}
-        self.adapter_state = dataclasses.replace(self.adapter_state, adapters=adapters)
+        known = self.adapter_state.adapters.get(record.name)
+        if known is None or known.adapter_id < record.adapter_id:  # (ids only grow: never put back an older one)
+            adapters = {**self.adapter_state.adapters, record.name: record}
+            self.adapter_state = dataclasses.replace(self.adapter_state, adapters=adapters)
+        if self.models[record.base_model].deployment.may_scale_to_zero():
+            return  # a registration alone does not start an engine replica
         ref = AdapterRef(record.name, record.adapter_id, record.path, record.checksum)
         handle = self.servers[record.base_model].options(multiplexed_model_id=str(record.adapter_id))
         self._spawn(self._warm(handle.warm_adapter.remote(ref), record.name))
 
     @staticmethod
-    async def _warm(response, name: str) -> None:
+    async def _warm(response, name: str, timeout_s: float = 60.0) -> None:
         try:
-            await response
+            await asyncio.wait_for(response, timeout_s)  # (a replica that is not there yet: its request loads it)
         except Exception as error:  # its first request loads it instead (and reports any error)
-            logger.warning("loading adapter '%s' ahead of its first request failed: %s", name, error)
+            logger.warning("loading adapter '%s' ahead of its first request failed: %r", name, error)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -88,8 +88,8 @@ class LLMServer:
         Returns where it stood ("resident", "loaded") or "skipped" (no free slot)."""
         if not self.adapters.has_free_slot(adapter.adapter_id):
             return "resident" if adapter.adapter_id in self.adapters.held else "skipped"
-        async with self.adapters.use(adapter) as residency:
-            return residency
+        async with self.adapters.use(adapter, warm=True) as residency:
+            return residency if adapter.adapter_id in self.adapters.held else "skipped"
 
     def _tokens_per_message(self) -> int:
         per = self.model.streams_per_token_batch

@@ -104,6 +104,9 @@ class DeploymentOptions(Strict):
     def most_replicas(self) -> int:
         return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas or 1
 
+    def may_scale_to_zero(self) -> bool:
+        return self.autoscaling is not None and self.autoscaling.min_replicas == 0
+
     def serve_options(self, name: str, streams: bool = False) -> dict:
         """Ray Serve options of a CPU-only deployment (Ingress, Renderer) with these settings;
         `streams`: its requests may be long streams, which a stopping replica lets finish."""

@@ -96,9 +96,11 @@ class AdapterResidency:
         self._spawn(follow_registry(self.registry, self._on_registry_state, state.version, HEARTBEAT_S))
 
     @contextlib.asynccontextmanager
-    async def use(self, adapter: AdapterRef | None) -> AsyncIterator[str]:
+    async def use(self, adapter: AdapterRef | None, warm: bool = False) -> AsyncIterator[str]:
         """Hold `adapter` in the engine while the block runs; yields where it stood: "base" (no
-        adapter), "resident" (held already) or "loaded" (this request waited for it to load)."""
+        adapter), "resident" (held already) or "loaded" (this request waited for it to load).
+        `warm`: no request of its own (a registration's load ahead of its first request): it loads
+        only into a free slot, and the adapter stays least recently used until a request uses it."""
         if adapter is None:
             yield "base"
             return
@@ -110,10 +112,10 @@ class AdapterResidency:
             residency = "resident" if adapter_id in self.held and adapter_id not in self.loading else "loaded"
             if residency == "loaded":
                 if adapter_id not in self.loading:  # the first request for it; later ones wait for the same load
-                    self.loading[adapter_id] = self._spawn(self._load(adapter_id))
+                    self.loading[adapter_id] = self._spawn(self._load(adapter_id, evict=not warm))
                 await asyncio.shield(self.loading[adapter_id])
             if adapter_id in self.held:  # (not when the registry dropped it meanwhile)
-                self.held.move_to_end(adapter_id)
+                self.held.move_to_end(adapter_id, last=not warm)
             yield residency
         finally:
             self._release(adapter_id)
@@ -146,9 +148,13 @@ class AdapterResidency:
         self.local_paths[adapter_id] = str(folder)
         logger.info("adapter '%s' from %s in %.2f s", ref.name, ref.path, time.perf_counter() - started)
 
-    async def _load(self, adapter_id: int) -> None:
+    async def _load(self, adapter_id: int, evict: bool = True) -> None:
         try:
             await self._download(adapter_id)
+            # a warm-up alone gives up when no slot is free by now; once a request waits for the
+            # same load, it takes a slot as that request would
+            if not evict and not self.has_free_slot(adapter_id) and self.in_use[adapter_id] <= 1:
+                return
             await self.take_slot(adapter_id)
             started = time.perf_counter()
             try:

@@ -56,3 +56,41 @@ def test_a_lone_request_is_passed_over_a_bounded_number_of_times():
     turns = [[(1, 1), (100, 2)]] + [[(100 + turn, 2)] for turn in range(1, 8)]
     order = asyncio.run(slot_order(turns))
     assert order.index(1) == PASSES_BEFORE_FIRST  # passed over 4 x capacity times, then first
+
+
+class LoadingEngine(RecordingEngine):
+    async def add_adapter(self, adapter) -> None:
+        self.ids.add(adapter.adapter_id)
+
+    async def loaded_adapter_ids(self) -> set[int]:
+        return set(self.ids)
+
+
+def test_a_registration_warm_up_takes_only_a_free_slot_and_stays_first_to_go():
+    from serve_app.messages import AdapterRef
+
+    async def scenario() -> tuple[list[int], list[int], list[int]]:
+        engine = LoadingEngine()
+        residency = AdapterResidency(engine, "tiny", capacity=2)
+
+        async def route(model_id: str) -> str:  # Serve's multiplexing hook needs a replica; none here
+            return model_id
+
+        residency._routing = route
+
+        async def ask(adapter_id: int, warm: bool = False) -> None:
+            async with residency.use(AdapterRef(f"a{adapter_id}", adapter_id, f"/a{adapter_id}", None), warm=warm):
+                pass
+
+        await ask(1)  # a request's load: most recently used
+        await ask(2, warm=True)  # a free slot: loaded, but first in line to leave
+        after_warm = list(residency.held)
+        await ask(3, warm=True)  # no free slot: nothing is evicted for a warm-up
+        after_full = list(residency.held)
+        await ask(3)  # a request evicts the idle, least recently used: the unused warm-up
+        return after_warm, after_full, list(residency.held)
+
+    after_warm, after_full, after_request = asyncio.run(scenario())
+    assert after_warm == [2, 1]
+    assert after_full == [2, 1]
+    assert after_request == [1, 3]
