@@ -16,8 +16,9 @@ from serve_app.errors import InvalidRequestError, PermissionDeniedError
 
 class PathPolicy:
     def __init__(self, roots: list[str]):
-        self.roots = [Path(os.path.realpath(r)) for r in roots if not is_url(r)]
-        self.url_roots = [normalized_url(r) for r in roots if is_url(r)]
+        # each once, in order (a startup adapter's folder is often also given as a root)
+        self.roots = list(dict.fromkeys(Path(os.path.realpath(r)) for r in roots if not is_url(r)))
+        self.url_roots = list(dict.fromkeys(normalized_url(r) for r in roots if is_url(r)))
 
     def check(self, path: str, tenant: str | None = None) -> str:
         """The real path of `path` (or the normalized URL) if it may be read; PermissionDeniedError

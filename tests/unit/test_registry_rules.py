@@ -146,6 +146,10 @@ def test_path_policy_refuses_dotdot_outside_and_symlink_escapes(tmp_path):
             policy.check(path)
     with pytest.raises(InvalidRequestError, match="absolute"):
         policy.check("relative/path")
+    # a root given twice (a startup adapter's folder that is also an allowed root) is named once
+    with pytest.raises(PermissionDeniedError) as refused:
+        PathPolicy([str(root), str(root / "ok" / ".."), str(root)]).check(str(outside))
+    assert refused.value.message.count(str(root)) == 1
 
 
 _WATCH: list = []
