@@ -100,7 +100,13 @@ class Ingress:
             self.metrics.loop_lag.observe(max(0.0, time.perf_counter() - started - period_s))
 
     async def _set_adapter_state(self, state: RegistryState) -> None:
-        self.adapter_state = state  # resolving a name then costs no actor call
+        self._adopt(state)  # resolving a name then costs no actor call
+
+    def _adopt(self, state: RegistryState) -> None:
+        """Keep `state` unless this copy is newer: the long-poll's notice and a fetch made at the
+        same time can arrive in either order."""
+        if state.supersedes(self.adapter_state):
+            self.adapter_state = state
 
     # --- routes -------------------------------------------------------------------------------
 
@@ -438,7 +444,7 @@ class Ingress:
         self.limits.settle(caller.key, caller.reserved_tokens, used)
 
     async def _refresh_adapters(self) -> None:
-        self.adapter_state = await self.registry.state.remote()
+        self._adopt(await self.registry.state.remote())
 
     def _registered(self, record: AdapterRecord) -> None:
         """After a registration this ingress made: its copy of the registry gets the record at once
@@ -502,7 +508,7 @@ class Ingress:
             return self.models[name], None
         record = self.adapter_state.adapters.get(name)
         if record is None and visible:  # maybe registered a moment ago through another ingress replica
-            self.adapter_state = await self.registry.state.remote()
+            self._adopt(await self.registry.state.remote())
             record = self.adapter_state.adapters.get(name)
         if record is not None and visible and caller.may_use(record.base_model, self.models):
             return self.models[record.base_model], AdapterRef(name, record.adapter_id, record.path, record.checksum)

@@ -45,6 +45,13 @@ class RegistryState:
     # base model -> the modules its engines apply LoRA to (None: all; engines/lora_targets.py)
     engine_modules: Mapping[str, tuple[str, ...] | None] = field(default_factory=dict)
 
+    def supersedes(self, other: RegistryState) -> bool:
+        """Whether this state is at least as new as `other`. Versions are "<run>:<change counter>";
+        a state of another registry run (a restart) always is: its counter starts again."""
+        run, _, counter = self.version.partition(":")
+        other_run, _, other_counter = other.version.partition(":")
+        return run != other_run or int(counter) >= int(other_counter)
+
 
 LOAD_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

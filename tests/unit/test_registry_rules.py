@@ -64,6 +64,16 @@ def test_register_persists_and_survives_a_restart(tmp_path, adapters):
     assert run(again.state()).adapters["a"].adapter_id == record.adapter_id
 
 
+def test_a_later_state_supersedes_an_earlier_one_and_a_restart_supersedes_all(tmp_path, adapters):
+    reg = registry(tmp_path, adapters)
+    before = run(reg.state())
+    run(reg.register("a", str(adapters["a"])))
+    after = run(reg.state())
+    assert after.supersedes(before) and after.supersedes(after) and not before.supersedes(after)
+    restarted = run(registry(tmp_path, adapters).state())  # a new run: its change counter starts again
+    assert restarted.supersedes(after) and "a" in restarted.adapters
+
+
 def test_replace_gets_a_new_id_and_version(tmp_path, adapters):
     reg = registry(tmp_path, adapters)
     first = run(reg.register("a", str(adapters["a"])))
