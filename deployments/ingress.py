@@ -459,9 +459,8 @@ class Ingress:
             self.adapter_state = dataclasses.replace(self.adapter_state, adapters=adapters)
         if self.models[record.base_model].deployment.may_scale_to_zero():
             return  # a registration alone does not start an engine replica
-        ref = AdapterRef(record.name, record.adapter_id, record.path, record.checksum)
         handle = self.servers[record.base_model].options(multiplexed_model_id=str(record.adapter_id))
-        self._spawn(self._warm(handle.warm_adapter.remote(ref), record.name))
+        self._spawn(self._warm(handle.warm_adapter.remote(record.ref()), record.name))
 
     @staticmethod
     async def _warm(response, name: str, timeout_s: float = 60.0) -> None:
@@ -511,7 +510,7 @@ class Ingress:
             self._adopt(await self.registry.state.remote())
             record = self.adapter_state.adapters.get(name)
         if record is not None and visible and caller.may_use(record.base_model, self.models):
-            return self.models[record.base_model], AdapterRef(name, record.adapter_id, record.path, record.checksum)
+            return self.models[record.base_model], record.ref()
         raise NotFoundError(
             f"model '{name}' does not exist; GET /v1/models lists the served models and adapters.",
             param="model",

@@ -83,13 +83,8 @@ class LLMServer:
                 self.streams -= 1
 
     async def warm_adapter(self, adapter: AdapterRef) -> str:
-        """Load a just-registered adapter before its first request, routed here as that request
-        will be, if a slot is free: a registration never evicts an adapter that may be in use.
-        Returns where it stood ("resident", "loaded") or "skipped" (no free slot)."""
-        if not self.adapters.has_free_slot(adapter.adapter_id):
-            return "resident" if adapter.adapter_id in self.adapters.held else "skipped"
-        async with self.adapters.use(adapter, warm=True) as residency:
-            return residency if adapter.adapter_id in self.adapters.held else "skipped"
+        """A registration's adapter, routed here as its first request will be (residency.warm)."""
+        return await self.adapters.warm(adapter)
 
     def _tokens_per_message(self) -> int:
         per = self.model.streams_per_token_batch

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lora_registry.database import Database
 from lora_registry.key_store import KeyRecord
+from serve_app.messages import AdapterRef
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class AdapterRecord:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}
+
+    def ref(self) -> AdapterRef:
+        """The adapter as a request carries it to an engine replica."""
+        return AdapterRef(self.name, self.adapter_id, self.path, self.checksum)
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,16 @@ class AdapterResidency:
             del self.held[idle]
             await self._remove_from_engine(idle)
 
+    async def warm(self, adapter: AdapterRef) -> str:
+        """Load a just-registered adapter ahead of its first request if a slot is free: a warm-up
+        never evicts. Returns "resident" (held already), "loaded" or "skipped" (no free slot)."""
+        if adapter.adapter_id in self.held:
+            return "resident"
+        if not self.has_free_slot(adapter.adapter_id):
+            return "skipped"
+        async with self.use(adapter, warm=True):
+            return "loaded" if adapter.adapter_id in self.held else "skipped"
+
     def has_free_slot(self, adapter_id: int) -> bool:
         """Whether `adapter_id` could be loaded now without evicting anything."""
         return adapter_id not in self.held and len(self.held) + len(self.leaving) < self.capacity
@@ -288,7 +298,7 @@ class AdapterResidency:
 
     async def _preload(self, record: AdapterRecord) -> None:
         try:
-            async with self.use(AdapterRef(record.name, record.adapter_id, record.path, record.checksum)):
+            async with self.use(record.ref()):
                 pass
         except Exception:  # its requests will load it (and get the error) instead
             logger.warning("preloading adapter '%s' failed", record.name, exc_info=True)

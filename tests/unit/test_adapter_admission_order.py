@@ -79,7 +79,11 @@ def test_a_registration_warm_up_takes_only_a_free_slot_and_stays_first_to_go():
         residency._routing = route
 
         async def ask(adapter_id: int, warm: bool = False) -> None:
-            async with residency.use(AdapterRef(f"a{adapter_id}", adapter_id, f"/a{adapter_id}", None), warm=warm):
+            adapter = AdapterRef(f"a{adapter_id}", adapter_id, f"/a{adapter_id}", None)
+            if warm:
+                await residency.warm(adapter)
+                return
+            async with residency.use(adapter):
                 pass
 
         await ask(1)  # a request's load: most recently used
