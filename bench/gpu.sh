@@ -7,6 +7,7 @@
 #   bash bench/gpu.sh features OUT    # structured outputs and tool calls through `lorafleet deploy` (tiny-chat)
 #   bash bench/gpu.sh formats OUT     # GPTQ int4/int8 exports and a converted Qwen(1) checkpoint, served by vLLM
 #   bash bench/gpu.sh profile OUT [--configs ...]   # a LoRA decode step's time by distinct adapters (issue 22)
+#   bash bench/gpu.sh tune OUT [--ranks 8 16 ...]    # tune vLLM's LoRA kernels: the files of serve_app/assets/lora_kernels
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source /tmp/parts/install.sh
@@ -34,6 +35,10 @@ formats)
 profile)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
   exec python3 bench/lora_step_profile.py $shape --out "$out"/lora_step_profile.json "$@"
+  ;;
+tune)
+  [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
+  exec python3 bench/lora_kernel_tune.py $shape --out "$out" "$@"
   ;;
 bench)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape

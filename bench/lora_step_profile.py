@@ -17,12 +17,15 @@ The configurations say which lever moves the step time:
   targets       64 slots, LoRA only on the modules the adapters carry (lora_target_modules)
   all-linear    64 slots, adapters on every linear module (q k v o gate up down)
   rank64        64 slots, max_lora_rank 64 for rank-8 adapters (rank padding)
+  tuned         as targets, with LoRA kernel configs from --kernel-configs (VLLM_TUNED_CONFIG_FOLDER;
+                default: the ones lorafleet ships, bench/lora_kernel_tune.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +46,7 @@ CONFIGS = {  # name -> (engine keywords, adapter targets, distinct adapter count
     "targets": ({"max_loras": 64, "lora_target_modules": list(QV)}, QV, [0, 1, 8, 32, 64]),
     "all-linear": ({"max_loras": 64}, ALL_LINEAR, [0, 1, 64]),
     "rank64": ({"max_loras": 64, "max_lora_rank": 64}, QV, [1, 64]),
+    "tuned": ({"max_loras": 64, "lora_target_modules": list(QV)}, QV, [0, 1, 8, 32, 64]),
 }
 
 
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--kernel-configs", type=Path, default=ROOT / "serve_app" / "assets" / "lora_kernels")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: time one config in this process
     args = parser.parse_args()
     if args.one:
@@ -137,7 +142,10 @@ def main() -> None:
         part = args.out.with_suffix(f".{name}.json")
         cmd = [sys.executable, __file__, str(args.model_dir), "--out", str(part), "--one", name]
         cmd += ["--batch", str(args.batch), "--rank", str(args.rank)]
-        if subprocess.run(cmd).returncode != 0:
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_TUNED_CONFIG_FOLDER"}
+        if name == "tuned":
+            env["VLLM_TUNED_CONFIG_FOLDER"] = str(args.kernel_configs)
+        if subprocess.run(cmd, env=env).returncode != 0:
             print(f"{name}: failed", flush=True)
             continue
         results = [r for r in results if r["config"] != name] + [json.loads(part.read_text())]

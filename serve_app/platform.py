@@ -7,6 +7,7 @@ import gc
 import glob
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 
@@ -90,6 +91,42 @@ def prepare_vllm_env(tensor_parallel_size: int) -> None:
 
 
 _binding_we_set: str | None = None
+
+# lorafleet's tuned configs for vLLM's two LoRA kernels, one set of files per GPU model
+# (bench/lora_kernel_tune.py wrote them; docs/benchmarks.md has the before/after).
+LORA_KERNEL_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "lora_kernels")
+
+
+def use_tuned_lora_kernels() -> str | None:
+    """Point vLLM at LORA_KERNEL_CONFIGS when it holds this machine's GPU model, before an engine
+    with LoRA starts; returns the folder, or None where vLLM keeps its own defaults.
+
+    vLLM's default decode config for the shrink kernel splits the hidden width 64 ways, most splits
+    with no work, each still adding a zero tile atomically for every adapter slot: on an H200 that
+    is most of a LoRA step's extra cost with many adapters. A folder the user set wins."""
+    if "VLLM_TUNED_CONFIG_FOLDER" in os.environ or not has_nvidia_gpu():
+        return None
+    names = set(gpu_names())
+    if not names or not all(os.path.exists(os.path.join(LORA_KERNEL_CONFIGS, f"{n}_SHRINK.json")) for n in names):
+        return None
+    os.environ["VLLM_TUNED_CONFIG_FOLDER"] = LORA_KERNEL_CONFIGS
+    return LORA_KERNEL_CONFIGS
+
+
+def gpu_names() -> list[str]:
+    """This machine's GPU models as vLLM names its kernel config files ("NVIDIA_H200"), read from
+    nvidia-smi so that the replica's own process never initialises CUDA before vLLM does."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip().replace(" ", "_").replace("-", "_") for line in out.splitlines() if line.strip()]
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from serve_app.errors import InvalidRequestError
 from serve_app.messages import AdapterRef, Delta, GenerationRequest, SamplingOptions, StructuredOutput, TokenLogprob
-from serve_app.platform import prepare_vllm_env, private_rpc_dir
+from serve_app.platform import prepare_vllm_env, private_rpc_dir, use_tuned_lora_kernels
 
 if TYPE_CHECKING:
     from serve_app.config import EngineOptions
@@ -44,6 +44,8 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         prepare_vllm_env(options.tensor_parallel_size)
+        if options.enable_lora:
+            use_tuned_lora_kernels()
         # The defaults of vLLM's own OpenAI server, not of an embedded engine: on an H100/H200 that
         # is 8192 tokens per step and 1024 sequences instead of 2048 and 128. With 2048 a burst of
         # 16 prompts of 512 tokens prefills over four steps, and the last of them waits for the

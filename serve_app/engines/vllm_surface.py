@@ -62,6 +62,9 @@ STRUCTURED_OUTPUT_FIELDS = [
     "json_object",
     "structural_tag",
 ]
+# Environment variables lorafleet sets for vLLM (serve_app/platform.py).
+ENV_VARS = ["VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND",
+            "VLLM_RPC_BASE_PATH", "VLLM_TUNED_CONFIG_FOLDER"]
 # What engine_args() passes, every EngineOptions field under its own name, and the engine_kwargs
 # that the shipped configs and benchmarks use.
 ENGINE_ARGS = [
@@ -97,6 +100,8 @@ def problems() -> list[str]:
     if ea := found.get("AsyncEngineArgs"):
         fields = _fields(ea)
         missing += [f"AsyncEngineArgs({f}=...)" for f in ENGINE_ARGS if f not in fields]
+    known = getattr(importlib.import_module("vllm.envs"), "environment_variables", {})
+    missing += [f"vllm.envs.{name}" for name in ENV_VARS if name not in known]
     if (kind := found.get("RequestOutputKind")) and not hasattr(kind, "DELTA"):
         missing.append("RequestOutputKind.DELTA")
     if (usage := found.get("UsageContext")) and not hasattr(usage, "OPENAI_API_SERVER"):
