@@ -47,7 +47,9 @@ bench)
   python3 bench/side_by_side.py --model-dir $shape --tp "$tp" --load-format dummy --max-model-len 4096 \
     --input-len 512 --output-len 256 --out "$runs" --keep "$@" || status=$?
   cp "$runs"/{table.md,summary.json,side_by_side.png} "$out"/ || true
-  tail -c 200000 "$runs"/lorafleet-server.log > "$out"/lorafleet-server.log || true
+  for log in lorafleet-server lorafleet-deploy-server; do
+    [ -f "$runs/$log.log" ] && tail -c 200000 "$runs/$log.log" > "$out/$log.log"
+  done
   exit ${status:-0}
   ;;
 esac

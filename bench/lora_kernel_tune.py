@@ -5,6 +5,7 @@ serve_app/engines/lora_kernels/ (issue 22: on the GPU a LoRA step's extra cost i
 
     python bench/lora_kernel_tune.py MODEL_DIR --out FOLDER [--ranks 8 16] [--max-loras 64]
         [--modules qkv o gate_up down] [--tp 1]
+    python bench/lora_kernel_tune.py MODEL_DIR --out FOLDER --rebuild "NVIDIA H200"   # files from its report
 
 Why vLLM's defaults lose on decode: for fewer than 128 tokens the shrink runs split_k 64 with
 block_k 256, so for a 3,584-wide hidden state 50 of its 64 K-splits have no work and still add a
@@ -226,11 +227,15 @@ def main() -> None:
     parser.add_argument("--modules", nargs="+", default=["qkv"], choices=["qkv", "o", "gate_up", "down"])
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--rebuild", metavar="GPU_NAME", help="only rewrite the files from --out's tune_report.json")
     args = parser.parse_args()
+    shapes = module_shapes(json.loads((args.model_dir / "config.json").read_text()), args.tp)
+    if args.rebuild:
+        ConfigFiles(args.out, args.rebuild, shapes).write()
+        return
     import torch
 
-    shapes = module_shapes(json.loads((args.model_dir / "config.json").read_text()), args.tp)
-    files = ConfigFiles(args.out, torch.cuda.get_device_name())
+    files = ConfigFiles(args.out, torch.cuda.get_device_name(), shapes)
     with torch.inference_mode():  # as in the engine; vLLM's kernel wrappers run in it too
         tune_all(args, shapes, files)
     print(step_table(files.report))
@@ -243,12 +248,11 @@ def tune_all(args, shapes: dict, files: ConfigFiles) -> None:
     ):
         k, widths = shapes[module]
         result = tune_shape(op, k, widths, rank, max_loras, batch)
-        files.put(op, max_loras, k, widths, rank, batch, result["config"])
         files.report.append(
             {"max_loras": max_loras, "module": module, "rank": rank, "op": op, "batch": batch, **result}
         )
         # Written after every shape, so a run cut short keeps what it found.
-        files.write(shapes, args.ranks, args.max_loras, args.batches)
+        files.write()
         print(
             f"[{time.time() - started:5.0f}s] {module} r{rank} {op} b={batch} slots={max_loras}: "
             f"default {_us(result['default_us'])} -> {_us(result['tuned_us'])} us "
@@ -259,37 +263,46 @@ def tune_all(args, shapes: dict, files: ConfigFiles) -> None:
 
 class ConfigFiles:
     """vLLM's tuned-config files for one GPU, nested config[max_loras + 1][num_slices][m][k][n]
-    (max_loras counts vLLM's id list, one longer than the slots; k, n are the GEMM's sides)."""
+    (max_loras counts vLLM's id list, one longer than the slots; k, n are the GEMM's sides).
+    The folder's tune_report.json is the record: the files are rebuilt from it at every write, so
+    runs for other modules or ranks add to one set of files, and a later run of a shape wins."""
 
-    def __init__(self, folder: Path, gpu_name: str):
-        self.folder = folder
+    def __init__(self, folder: Path, gpu_name: str, shapes: dict):
+        self.folder, self.shapes = folder, shapes
         self.paths = {
             "shrink": [folder / f"{_file_name(gpu_name)}_SHRINK.json"],
             # the FALSE file serves vLLM's dual-stream path: same shapes, same configs
             "expand": [folder / f"{_file_name(gpu_name)}_EXPAND_{a}.json" for a in ("TRUE", "FALSE")],
         }
-        self.tree = {op: _read(paths[0]) for op, paths in self.paths.items()}
         self.report = _read(folder / "tune_report.json") or []
 
-    def put(self, op, max_loras, k, widths, rank, batch, config, overwrite=True) -> None:
-        key_k, key_n = (k, rank) if op == "shrink" else (rank, max(widths))
-        branch = self.tree[op]
-        for key in (max_loras + 1, len(widths), batch, key_k):
-            branch = branch.setdefault(str(key), {})
-        if overwrite or str(key_n) not in branch:
-            branch[str(key_n)] = config
+    def trees(self) -> dict[str, dict]:
+        trees: dict[str, dict] = {"shrink": {}, "expand": {}}
+        for r in self.report:
+            _put(trees[r["op"]], r["op"], r["max_loras"], *self.shapes[r["module"]], r["rank"], r["batch"], r["config"])
+        # vLLM looks a shape up by num_slices with no nearest-key fallback: a module layout that was
+        # never tuned (say, gate_up's two slices) gets vLLM's defaults, so that the lookup finds it.
+        ranks = sorted({r["rank"] for r in self.report})
+        for op, tree in trees.items():
+            tuned = {(slots, slices) for slots, branch in tree.items() for slices in branch}
+            for slots, (k, widths), rank, batch in itertools.product(list(tree), self.shapes.values(), ranks, BATCHES):
+                if (slots, str(len(widths))) not in tuned:
+                    _put(tree, op, int(slots) - 1, k, widths, rank, batch, default_config(op, batch, len(widths)))
+        return trees
 
-    def write(self, shapes, ranks, slots, batches) -> None:
-        # vLLM looks a shape up by num_slices without a fallback: modules not tuned get its defaults.
-        for max_loras, (k, widths), rank, op, batch in itertools.product(
-            slots, shapes.values(), ranks, ["shrink", "expand"], batches
-        ):
-            self.put(op, max_loras, k, widths, rank, batch, default_config(op, batch, len(widths)), overwrite=False)
+    def write(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        for op, paths in self.paths.items():
-            for path in paths:
-                path.write_text(json.dumps(self.tree[op], indent=1))
+        for op, tree in self.trees().items():
+            for path in self.paths[op]:
+                path.write_text(json.dumps(tree, indent=1))
         (self.folder / "tune_report.json").write_text(json.dumps(self.report, indent=1))
+
+
+def _put(tree: dict, op: str, max_loras: int, k: int, widths: list[int], rank: int, batch: int, config: dict) -> None:
+    key_k, key_n = (k, rank) if op == "shrink" else (rank, max(widths))
+    for key in (max_loras + 1, len(widths), batch, key_k):
+        tree = tree.setdefault(str(key), {})
+    tree[str(key_n)] = config
 
 
 def _file_name(gpu_name: str) -> str:

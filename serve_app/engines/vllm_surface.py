@@ -63,8 +63,13 @@ STRUCTURED_OUTPUT_FIELDS = [
     "structural_tag",
 ]
 # Environment variables lorafleet sets for vLLM (serve_app/platform.py).
-ENV_VARS = ["VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND",
-            "VLLM_RPC_BASE_PATH", "VLLM_TUNED_CONFIG_FOLDER"]
+ENV_VARS = [
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_RPC_BASE_PATH",
+    "VLLM_TUNED_CONFIG_FOLDER",
+]
 # What engine_args() passes, every EngineOptions field under its own name, and the engine_kwargs
 # that the shipped configs and benchmarks use.
 ENGINE_ARGS = [
