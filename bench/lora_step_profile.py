@@ -19,6 +19,8 @@ The configurations say which lever moves the step time:
   rank64        64 slots, max_lora_rank 64 for rank-8 adapters (rank padding)
   tuned         as targets, with LoRA kernel configs from --kernel-configs (VLLM_TUNED_CONFIG_FOLDER;
                 default: the ones lorafleet ships, bench/lora_kernel_tune.py)
+  dual          as tuned, and LoRA on a second CUDA stream beside the base layer's GEMM
+                (VLLM_LORA_ENABLE_DUAL_STREAM=1): whether the LoRA kernels hide behind the base
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ CONFIGS = {  # name -> (engine keywords, adapter targets, distinct adapter count
     "all-linear": ({"max_loras": 64}, ALL_LINEAR, [0, 1, 64]),
     "rank64": ({"max_loras": 64, "max_lora_rank": 64}, QV, [1, 64]),
     "tuned": ({"max_loras": 64, "lora_target_modules": list(QV)}, QV, [0, 1, 8, 32, 64]),
+    "dual": ({"max_loras": 64, "lora_target_modules": list(QV)}, QV, [0, 1, 8, 32, 64]),
 }
 
 
@@ -143,8 +146,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, str(args.model_dir), "--out", str(part), "--one", name]
         cmd += ["--batch", str(args.batch), "--rank", str(args.rank)]
         env = {k: v for k, v in os.environ.items() if k != "VLLM_TUNED_CONFIG_FOLDER"}
-        if name == "tuned":
+        if name in ("tuned", "dual"):
             env["VLLM_TUNED_CONFIG_FOLDER"] = str(args.kernel_configs)
+        if name == "dual":
+            env["VLLM_LORA_ENABLE_DUAL_STREAM"] = "1"
         if subprocess.run(cmd, env=env).returncode != 0:
             print(f"{name}: failed", flush=True)
             continue

@@ -243,6 +243,8 @@ def load(system: str, concurrency: int, args, out: Path, loras: list[str] = (), 
         str(args.input_len),
         "--random-output-len",
         str(args.output_len),
+        "--random-range-ratio",
+        str(args.length_spread),
         "--ignore-eos",
         "--num-prompts",
         str(max(concurrency * args.rounds, args.min_requests)),
@@ -449,6 +451,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--length-spread",
+        type=float,
+        default=0.0,
+        help="prompt and output lengths drawn from [len * (1 - x), len * (1 + x)] (0: all the same length)",
+    )
     parser.add_argument("--rounds", type=int, default=4, help="requests per concurrency slot")
     parser.add_argument(
         "--min-requests", type=int, default=16, help="at least this many per concurrency (a p99 of 16 is their max)"
