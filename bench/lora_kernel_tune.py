@@ -1,7 +1,7 @@
 """Tune vLLM's two LoRA kernels (shrink: x @ A, expand: . @ B) for this GPU and a model's shapes, and
 write the files that vLLM reads from `VLLM_TUNED_CONFIG_FOLDER` ({GPU}_SHRINK.json,
 {GPU}_EXPAND_TRUE.json, {GPU}_EXPAND_FALSE.json). lorafleet ships the result in
-serve_app/engines/lora_kernels/ (issue 22: on the GPU a LoRA step's extra cost is these kernels').
+serve_app/assets/lora_kernels/ (issue 22: on the GPU a LoRA step's extra cost is these kernels').
 
     python bench/lora_kernel_tune.py MODEL_DIR --out FOLDER [--ranks 8 16] [--max-loras 64]
         [--modules qkv o gate_up down] [--tp 1]
@@ -9,14 +9,15 @@ serve_app/engines/lora_kernels/ (issue 22: on the GPU a LoRA step's extra cost i
 
 Why vLLM's defaults lose on decode: for fewer than 128 tokens the shrink runs split_k 64 with
 block_k 256, so for a 3,584-wide hidden state 50 of its 64 K-splits have no work and still add a
-zero tile atomically, for every adapter slot; and both kernels use 32- or 64-row blocks where each
-adapter has one decoding token. The search below times each candidate in a CUDA graph (what the
-engine replays on decode), for several numbers of distinct adapters among the tokens, and keeps per
-batch size the one with the best mean ratio to vLLM's default (so it never trades one adapter's
-speed for many's). Every kept config's output is checked against the default's.
+zero tile atomically, for every adapter in the batch; and both kernels use 32- or 64-row blocks
+where each adapter has one decoding token. The search below times each candidate in a CUDA graph
+(what the engine replays on decode), for 1, 8 and up to 64 distinct adapters among the tokens, and
+keeps per batch size the one with the best mean ratio to vLLM's default over those counts (one
+adapter's speed weighs as much as many's; a kept config can still be slower for one count).
+Every kept config's output is checked against the default's.
 
 This script calls vLLM's kernel ops directly, as vLLM's own benchmarks/kernels/benchmark_lora.py
-does; the product only sets the environment variable and ships the files (vllm_surface.py).
+does; the product only sets the environment variable (serve_app/platform.py) and ships the files.
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from serve_app.platform import kernel_file_prefix  # noqa: E402  (after the path, run as a script)
+
+SLICES = range(1, 9)  # vLLM's LoRA layers have 1 to n slices; its lookup by slice count has no fallback
 
 BATCHES = [1, 8, 16, 32, 64, 128, 256, 512, 2048, 8192]
 COMMON = {"num_ctas": 1, "max_nreg": None}
@@ -248,8 +255,9 @@ def tune_all(args, shapes: dict, files: ConfigFiles) -> None:
     ):
         k, widths = shapes[module]
         result = tune_shape(op, k, widths, rank, max_loras, batch)
+        shape = {"k": k, "widths": widths, "tp": args.tp}
         files.report.append(
-            {"max_loras": max_loras, "module": module, "rank": rank, "op": op, "batch": batch, **result}
+            {"max_loras": max_loras, "module": module, "rank": rank, "op": op, "batch": batch, **shape, **result}
         )
         # Written after every shape, so a run cut short keeps what it found.
         files.write()
@@ -270,24 +278,27 @@ class ConfigFiles:
     def __init__(self, folder: Path, gpu_name: str, shapes: dict):
         self.folder, self.shapes = folder, shapes
         self.paths = {
-            "shrink": [folder / f"{_file_name(gpu_name)}_SHRINK.json"],
+            "shrink": [folder / f"{kernel_file_prefix(gpu_name)}_SHRINK.json"],
             # the FALSE file serves vLLM's dual-stream path: same shapes, same configs
-            "expand": [folder / f"{_file_name(gpu_name)}_EXPAND_{a}.json" for a in ("TRUE", "FALSE")],
+            "expand": [folder / f"{kernel_file_prefix(gpu_name)}_EXPAND_{a}.json" for a in ("TRUE", "FALSE")],
         }
         self.report = _read(folder / "tune_report.json") or []
 
     def trees(self) -> dict[str, dict]:
         trees: dict[str, dict] = {"shrink": {}, "expand": {}}
         for r in self.report:
-            _put(trees[r["op"]], r["op"], r["max_loras"], *self.shapes[r["module"]], r["rank"], r["batch"], r["config"])
-        # vLLM looks a shape up by num_slices with no nearest-key fallback: a module layout that was
-        # never tuned (say, gate_up's two slices) gets vLLM's defaults, so that the lookup finds it.
+            k, widths = (r["k"], r["widths"]) if "k" in r else self.shapes[r["module"]]  # (older reports)
+            _put(trees[r["op"]], r["op"], r["max_loras"], k, widths, r["rank"], r["batch"], r["config"])
+        # vLLM looks a shape up by num_slices with no nearest-key fallback: a slice count that was
+        # never tuned (another model's layers, say 4 slices) gets vLLM's defaults, so that the lookup
+        # finds it; within it, the nearest batch, k and n apply.
         ranks = sorted({r["rank"] for r in self.report})
+        k = min(r["k"] if "k" in r else self.shapes[r["module"]][0] for r in self.report)
         for op, tree in trees.items():
             tuned = {(slots, slices) for slots, branch in tree.items() for slices in branch}
-            for slots, (k, widths), rank, batch in itertools.product(list(tree), self.shapes.values(), ranks, BATCHES):
-                if (slots, str(len(widths))) not in tuned:
-                    _put(tree, op, int(slots) - 1, k, widths, rank, batch, default_config(op, batch, len(widths)))
+            for slots, slices, rank, batch in itertools.product(list(tree), SLICES, ranks, BATCHES):
+                if (slots, str(slices)) not in tuned:
+                    _put(tree, op, int(slots) - 1, k, [k] * slices, rank, batch, default_config(op, batch, slices))
         return trees
 
     def write(self) -> None:
@@ -303,10 +314,6 @@ def _put(tree: dict, op: str, max_loras: int, k: int, widths: list[int], rank: i
     for key in (max_loras + 1, len(widths), batch, key_k):
         tree = tree.setdefault(str(key), {})
     tree[str(key_n)] = config
-
-
-def _file_name(gpu_name: str) -> str:
-    return gpu_name.replace(" ", "_").replace("-", "_")
 
 
 def _read(path: Path):
@@ -326,7 +333,7 @@ def step_table(report: list[dict]) -> str:
     """Shrink + expand per module at each batch and distinct-adapter count, default vs tuned (us)."""
     rows = [
         "| slots | module | rank | batch | distinct adapters | default us | tuned us | ratio |",
-        "|---|" * 1 + "---|" * 7,
+        "|---" * 8 + "|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in report:

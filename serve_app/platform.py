@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -97,20 +98,44 @@ _binding_we_set: str | None = None
 LORA_KERNEL_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "lora_kernels")
 
 
-def use_tuned_lora_kernels() -> str | None:
-    """Point vLLM at LORA_KERNEL_CONFIGS when it holds this machine's GPU model, before an engine
-    with LoRA starts; returns the folder, or None where vLLM keeps its own defaults.
+def use_tuned_lora_kernels(model_dir: str | None = None) -> str | None:
+    """Before an engine with LoRA starts: point vLLM at LORA_KERNEL_CONFIGS when it holds this
+    machine's GPU model; returns the folder, or None where vLLM keeps its own defaults.
 
     vLLM's default decode config for the shrink kernel splits the hidden width 64 ways, most splits
-    with no work, each still adding a zero tile atomically for every adapter slot: on an H200 that
-    is most of a LoRA step's extra cost with many adapters. A folder the user set wins."""
-    if "VLLM_TUNED_CONFIG_FOLDER" in os.environ or not has_nvidia_gpu():
+    with no work, each still adding a zero tile atomically for every adapter in the batch: on an
+    H200 that is most of a LoRA step's extra cost with many adapters. A folder the user set wins.
+    Decided again for every engine (the variable is inherited by what this process starts later)."""
+    current = os.environ.get("VLLM_TUNED_CONFIG_FOLDER")
+    if current is not None and current != LORA_KERNEL_CONFIGS:
+        return None  # the user's
+    os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)
+    # With the variable set, vLLM's fused-MoE LoRA kernels read only that folder and leave its own
+    # tables for the GPU, and lorafleet ships no MoE configs: models with experts keep vLLM's.
+    if not has_nvidia_gpu() or (model_dir and has_experts(model_dir)):
         return None
+    # every GPU of the host, not only the visible ones: a host of mixed models keeps the defaults
     names = set(gpu_names())
     if not names or not all(os.path.exists(os.path.join(LORA_KERNEL_CONFIGS, f"{n}_SHRINK.json")) for n in names):
         return None
     os.environ["VLLM_TUNED_CONFIG_FOLDER"] = LORA_KERNEL_CONFIGS
     return LORA_KERNEL_CONFIGS
+
+
+def has_experts(model_dir: str) -> bool:
+    """Whether the checkpoint's config.json describes a mixture-of-experts model."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    config = config.get("text_config") or config
+    return any(config.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
+
+
+def kernel_file_prefix(gpu_name: str) -> str:
+    """A GPU model's name as vLLM's kernel config files start: "NVIDIA H200" -> "NVIDIA_H200"."""
+    return gpu_name.strip().replace(" ", "_").replace("-", "_")
 
 
 def gpu_names() -> list[str]:
@@ -126,7 +151,7 @@ def gpu_names() -> list[str]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [line.strip().replace(" ", "_").replace("-", "_") for line in out.splitlines() if line.strip()]
+    return [kernel_file_prefix(line) for line in out.splitlines() if line.strip()]
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ class VllmEngine:
 
         prepare_vllm_env(options.tensor_parallel_size)
         if options.enable_lora:
-            use_tuned_lora_kernels()
+            use_tuned_lora_kernels(model_dir)
         # The defaults of vLLM's own OpenAI server, not of an embedded engine: on an H100/H200 that
         # is 8192 tokens per step and 1024 sequences instead of 2048 and 128. With 2048 a burst of
         # 16 prompts of 512 tokens prefills over four steps, and the last of them waits for the

@@ -49,15 +49,38 @@ def test_configs_are_shipped():
 @pytest.mark.parametrize("gpu", GPUS)
 def test_every_module_layout_batch_and_rank_finds_a_whole_config(gpu, vllm_lookup):
     lookup = vllm_lookup(gpu)
-    # slots + 1 as vLLM passes it; 1-3 slices (o/down, gate_up, qkv); widths of 7B and 8B models
+    # slots + 1 as vLLM passes it; 1-3 slices (o/down, gate_up, qkv) and more (other models' merged
+    # layers); widths of 7B and 8B models
     for slots, slices, batch, width, rank in itertools.product(
-        [2, 9, 65, 257], [1, 2, 3], [1, 7, 64, 300, 8192], [3584, 4096, 18944], [8, 16, 64]
+        [2, 9, 65, 257], range(1, 9), [1, 7, 64, 300, 8192], [3584, 4096, 18944], [8, 16, 64]
     ):
         shrink = lookup("shrink", slots, batch, width, rank, slices)
-        assert SHRINK_KEYS <= set(shrink) and shrink["split_k"] >= 1
+        assert SHRINK_KEYS <= set(shrink) and shrink["split_k"] >= 1 and _tiles(shrink)
         for add_inputs in (True, False):
             expand = lookup("expand", slots, batch, width, rank, slices, add_inputs=add_inputs)
-            assert EXPAND_KEYS <= set(expand)
+            assert EXPAND_KEYS <= set(expand) and _tiles(expand)
+
+
+def _tiles(config: dict) -> bool:
+    """Block sizes Triton's tl.dot takes: powers of two, at least 16."""
+    return all(config[k] >= 16 and config[k] & (config[k] - 1) == 0 for k in ("block_m", "block_n", "block_k"))
+
+
+def test_shipped_files_are_the_tuning_runs_report(tmp_path, monkeypatch):
+    """The files are what bench/lora_kernel_tune.py builds from the report of the runs that
+    docs/benchmarks.md cites, so every shipped number can be traced to a measurement."""
+    import json
+    import shutil
+
+    root = FOLDER.parents[2]
+    monkeypatch.syspath_prepend(str(root / "bench"))
+    import lora_kernel_tune
+
+    shutil.copy(root / "docs/gpu/lora-kernel-tune-2026-11-30/tune_report.json", tmp_path)
+    lora_kernel_tune.ConfigFiles(tmp_path, "NVIDIA H200", {}).write()
+    for name in ("SHRINK", "EXPAND_TRUE", "EXPAND_FALSE"):
+        rebuilt = json.loads((tmp_path / f"NVIDIA_H200_{name}.json").read_text())
+        assert rebuilt == json.loads((FOLDER / f"NVIDIA_H200_{name}.json").read_text()), name
 
 
 @pytest.mark.parametrize("gpu", GPUS)
@@ -67,18 +90,11 @@ def test_decode_with_many_adapters_uses_the_tuned_split(gpu, vllm_lookup, monkey
     lookup = vllm_lookup(gpu)
     tuned = lookup("shrink", 65, 64, 3584, 8, 3)
     assert tuned["split_k"] * tuned["block_k"] <= 3584
-    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
-    from vllm.lora.ops.triton_ops import utils
-
-    utils.load_lora_op_config.cache_clear()
-    utils.get_lora_op_configs.cache_clear()
-    default = utils.get_lora_op_configs("shrink", 65, 64, 3584, 8, 3)
-    assert default["split_k"] * default["block_k"] > 3584
 
 
 def _fake_nvidia_smi(tmp_path: Path, monkeypatch, name: str) -> None:
     tool = tmp_path / "nvidia-smi"
-    tool.write_text(f"#!/bin/sh\necho '{name}'\n")
+    tool.write_text(f"#!/bin/sh\nprintf '{name}\\n'\n")
     tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("LORAFLEET_DEVICE", "gpu")
@@ -91,6 +107,28 @@ def test_engine_on_a_tuned_gpu_model_gets_the_folder(tmp_path, monkeypatch):
     _fake_nvidia_smi(tmp_path, monkeypatch, GPUS[0].replace("_", " "))
     assert use_tuned_lora_kernels() == LORA_KERNEL_CONFIGS
     assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == LORA_KERNEL_CONFIGS
+
+
+def test_moe_models_keep_vllms_own_tables(tmp_path, monkeypatch):
+    """With the variable set vLLM's fused-MoE LoRA kernels stop using its own H200 tables."""
+    _fake_nvidia_smi(tmp_path, monkeypatch, GPUS[0].replace("_", " "))
+    (tmp_path / "config.json").write_text('{"num_local_experts": 8, "hidden_size": 4096}')
+    assert use_tuned_lora_kernels(str(tmp_path)) is None
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
+
+
+def test_decided_again_for_every_engine(tmp_path, monkeypatch):
+    """The folder lorafleet set for one engine is not taken for the user's choice by the next."""
+    _fake_nvidia_smi(tmp_path, monkeypatch, GPUS[0].replace("_", " "))
+    assert use_tuned_lora_kernels() == LORA_KERNEL_CONFIGS
+    (tmp_path / "config.json").write_text('{"n_routed_experts": 64}')
+    assert use_tuned_lora_kernels(str(tmp_path)) is None
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
+
+
+def test_a_host_of_mixed_gpu_models_keeps_vllms_defaults(tmp_path, monkeypatch):
+    _fake_nvidia_smi(tmp_path, monkeypatch, GPUS[0].replace("_", " ") + "\nNVIDIA A10")
+    assert use_tuned_lora_kernels() is None
 
 
 def test_other_gpu_models_keep_vllms_defaults(tmp_path, monkeypatch):
