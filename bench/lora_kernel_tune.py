@@ -139,7 +139,7 @@ class Case:
         if self.op == "shrink":
             lora_shrink_op._lora_shrink(self.x, self.w, self.y, *meta, 1.0)
         else:
-            self.y.zero_()  # expand adds into its output: start each call from the same state
+            # adds into its output (timed calls accumulate; output() starts from zeros)
             lora_expand_op._lora_expand(self.x, self.w, self.y, *meta, offset_start=0, add_inputs=True)
 
 
