@@ -139,11 +139,16 @@ def kernel_file_prefix(gpu_name: str) -> str:
 
 
 def gpu_names() -> list[str]:
-    """This machine's GPU models as vLLM names its kernel config files ("NVIDIA_H200"), read from
-    nvidia-smi so that the replica's own process never initialises CUDA before vLLM does."""
+    """This machine's GPU models as vLLM names its kernel config files ("NVIDIA_H200")."""
+    return [kernel_file_prefix(name) for name in query_gpus("name")]
+
+
+def query_gpus(field: str) -> list[str]:
+    """One nvidia-smi field (`--query-gpu`, no units) per GPU of the host; [] where it cannot be
+    read. nvidia-smi, not torch.cuda: a replica's process never initialises CUDA before vLLM does."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -151,7 +156,7 @@ def gpu_names() -> list[str]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [kernel_file_prefix(line) for line in out.splitlines() if line.strip()]
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 @contextlib.contextmanager

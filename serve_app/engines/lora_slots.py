@@ -96,18 +96,10 @@ def decide(
 def accelerator_bytes(tensor_parallel_size: int, gpu_memory_utilization: float) -> int | None:
     """The accelerator memory vLLM may use for one replica: its GPUs' share, or on the CPU the KV
     cache space vLLM is given (VLLM_CPU_KVCACHE_SPACE GiB)."""
-    from serve_app.platform import has_nvidia_gpu
+    from serve_app.platform import has_nvidia_gpu, query_gpus
 
-    if has_nvidia_gpu():  # nvidia-smi, not torch.cuda: CUDA stays uninitialised before vLLM starts
-        import subprocess
-
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout
-        total = min((int(line) * 2**20 for line in out.split()), default=0)
+    if has_nvidia_gpu():
+        total = min((int(mib) * 2**20 for mib in query_gpus("memory.total")), default=0)
         return int(total * gpu_memory_utilization * tensor_parallel_size) or None  # None: not known
     return int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4) * 2**30)
 
