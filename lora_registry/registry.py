@@ -9,6 +9,7 @@ LLMServer replicas follow changes by long-polling `listen`, so resolving a name 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -23,6 +24,8 @@ from lora_registry.path_policy import PathPolicy
 from lora_registry.remote_sources import AdapterCache, is_url
 from serve_app.engines import lora_targets
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+
+logger = logging.getLogger("ray.serve")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 RESIDENCY_TTL_S = 20.0
@@ -88,6 +91,12 @@ class LoraRegistry:
             wanted = (self.policy.check(adapter.path), adapter.base_model, adapter.pinned, adapter.preload)
             if current is None or (current.path, current.base_model, current.pinned, current.preload) != wanted:
                 self._register(name, adapter.path, adapter.base_model, True, False, adapter.pinned, adapter.preload)
+        if held := sorted(self.records.keys() - self._servable().keys()):
+            logger.warning(
+                "registered adapters not served, their base model is not served here with LoRA "
+                "(give lora_modules or engine.enable_lora to serve them): %s",
+                ", ".join(f"{n} ({self.records[n].base_model})" for n in held),
+            )
         for b in bases:
             if b.supported_modules is not None and b.lora_target_modules == "auto":
                 carried = [r.target_modules for r in self.records.values() if r.base_model == b.name]
@@ -112,10 +121,19 @@ class LoraRegistry:
 
     # --- queries ------------------------------------------------------------------------------
 
+    def _servable(self) -> dict[str, AdapterRecord]:
+        """The records the followers serve: an adapter kept from an earlier run whose base model
+        is now served without LoRA (or not at all) stays stored, but is neither listed nor routed."""
+        return {
+            name: r
+            for name, r in self.records.items()
+            if (base := self.bases.get(r.base_model)) is not None and base.lora_enabled
+        }
+
     async def state(self) -> RegistryState:
         return RegistryState(
             f"{self.generation}:{self.counter}",
-            dict(self.records),
+            self._servable(),
             dict(self.keys),
             self.keys_on,
             dict(self.engine_modules),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
 
 from serve_app.config import AppConfig
+from serve_app.errors import LorafleetError
 from serve_app.haproxy_guard import clear_stale_haproxy
 from serve_app.platform import apply_serve_env
 
@@ -46,7 +48,36 @@ def run_app(
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+    except RuntimeError as e:  # Serve says only which deployments failed; the reason is in its status
+        reasons = _startup_failures()
+        serve.shutdown()
+        if not reasons:
+            raise
+        raise StartupError(f"the app did not start: {'; '.join(reasons)}") from e
     return url
+
+
+_EXCEPTION_CLASS = re.compile(r"^[\w.]+(Error|Exception): ")
+
+
+class StartupError(LorafleetError):
+    """A deployment's constructor failed (a bad adapter path, a model that does not load)."""
+
+
+def _startup_failures() -> list[str]:
+    """'Deployment: the error's last line' for each deployment that failed to start."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get("lorafleet")
+    except Exception:  # noqa: BLE001  the status cannot be read: the caller re-raises Serve's error
+        return []
+    found = []
+    for name, deployment in (app.deployments if app else {}).items():
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        if deployment.status == "DEPLOY_FAILED" and lines:  # the traceback's last line, less its class
+            found.append(f"{name}: {_EXCEPTION_CLASS.sub('', lines[-1])}")
+    return found
 
 
 def _stop_on_sigterm() -> None:

@@ -15,6 +15,12 @@ from deployments.http.tool_calls import ToolCallFormat, ToolCallStream, parse_re
 from serve_app.messages import Delta, TokenLogprob
 
 
+def _tool_finish(engine_finish: str | None) -> str:
+    """A reply with tool calls ends in "tool_calls", unless the token limit cut it: then "length",
+    as OpenAI says, so that a client knows a call may be missing or unfinished."""
+    return "length" if engine_finish == "length" else "tool_calls"
+
+
 @dataclass
 class _Choice:
     text: str = ""
@@ -111,7 +117,7 @@ class ResponseBuilder:
                 body["content"] += rest
                 if calls:
                     body["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-                    finish = "tool_calls"
+                    finish = _tool_finish(finish)
             if not body["content"] and not finish and not delta.logprobs and not self.options.return_token_ids:
                 return None  # held back: it may be part of a tool call
         if not self._role_sent[delta.index]:
@@ -153,7 +159,7 @@ class ResponseBuilder:
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = calls
-                    finish = "tool_calls"
+                    finish = _tool_finish(finish)
             choice = {"index": i, "message": message, "finish_reason": finish}
             choice["logprobs"] = {"content": _chat_logprobs(c.logprobs, self.top)} if self.with_logprobs else None
         else:

@@ -131,3 +131,21 @@ def test_deploy_comes_back_after_sigkill_and_ray_stop(tmp_path):
         for pid in haproxy_listeners():  # whatever this test left, so later tests get the ports
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
+
+
+def test_deploy_with_a_bad_adapter_path_says_why_in_one_line(tmp_path):
+    """A deployment that fails in its constructor: Serve's own error names only the deployment;
+    the user gets the reason, no traceback, and nothing left running."""
+    missing = tmp_path / "no-such-adapter"
+    args = ["deploy", "--model_type", "tiny-chat", "--infer_backend", "pt", "--port", str(PORT)]
+    args += ["--lora_modules", f"xh={missing}", "--state_dir", str(tmp_path / "state")]
+    try:
+        done = subprocess.run(
+            [str(BIN / "lorafleet"), *args], capture_output=True, text=True, timeout=300, env=os.environ | QUIET_RAY
+        )
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert "Traceback" not in done.stdout + done.stderr
+        assert f"LoraRegistry: adapter path '{missing}' is not a directory" in done.stderr.splitlines()[-1]
+        assert haproxy_listeners() == {}
+    finally:
+        ray_stop()

@@ -194,3 +194,18 @@ def test_tool_requests_that_cannot_be_served_are_400(main_app):
     both = post({"tool_choice": "required", "response_format": {"type": "json_object"}})
     assert both.status_code == 400 and both.json()["error"]["param"] == "tool_choice"
     assert post({"functions": [{"name": "f"}]}).json()["error"]["param"] == "functions"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_cut_by_the_token_limit_finish_with_length(client, stream):
+    """`required` lets the untrained reply to `hello` go on calling until max_tokens cuts it: a
+    call is complete, the next is not, and the client must learn that from finish_reason."""
+    kwargs = dict(model="tiny-chat", messages=[{"role": "user", "content": "hello"}], tools=[WEATHER_TOOL])
+    kwargs.update(tool_choice="required", temperature=0, max_tokens=40)
+    if stream:
+        _, calls, finish = _streamed_calls(client.chat.completions.create(stream=True, **kwargs))
+    else:
+        reply = client.chat.completions.create(**kwargs)
+        calls, finish = reply.choices[0].message.tool_calls, reply.choices[0].finish_reason
+        assert reply.usage.completion_tokens == 40
+    assert calls and finish == "length"

@@ -298,3 +298,19 @@ def test_auto_without_adapters_takes_any_and_a_listed_set_refuses_at_start(tmp_p
             {"xh": StartupAdapter("tiny-chat", str(XIAO_HUANG_DIR))},
             DATABASE_URL,
         )
+
+
+def test_adapters_kept_from_a_run_with_lora_are_not_served_by_one_without(tmp_path, adapters, caplog):
+    """A restart on the same state without LoRA (or under another model name) keeps the records
+    but neither lists nor routes them (a request would reach an engine that cannot load them);
+    the log names them. A restart with LoRA serves them again."""
+    reg = registry(tmp_path, adapters)
+    run(reg.register("kept", str(adapters["a"])))
+    no_lora = BaseModelSpec(BASE.name, BASE.config, False, 16, VLLM_LORA_MODULES)
+    for bases in ([no_lora], [BaseModelSpec("other", BASE.config, True, 16, VLLM_LORA_MODULES)]):
+        caplog.clear()
+        reg = LoraRegistry(str(tmp_path / "state"), bases, [str(adapters["root"])], {}, DATABASE_URL)
+        assert "kept" not in run(reg.state()).adapters and "kept" in reg.records
+        assert "kept (tiny-chat)" in caplog.text
+    reg = registry(tmp_path, adapters)
+    assert run(reg.state()).adapters["kept"].path == str(adapters["a"])
