@@ -490,7 +490,9 @@ class Ingress:
         if len(body) > limit:
             raise PayloadTooLargeError(f"request body is larger than {limit} bytes.", code="body_too_large")
         try:
-            return schema.model_validate(json.loads(body))
+            # strict: a string where a number or a boolean belongs is refused, as OpenAI does,
+            # not converted ("max_tokens": "3", "stream": "yes")
+            return schema.model_validate(json.loads(body), strict=True)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InvalidRequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
         except ValidationError as e:
@@ -753,14 +755,24 @@ async def _first_message(stream) -> FirstMessage | None:
 def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors()[:3]:
-        loc = ".".join(str(x) for x in item["loc"]) or "body"
+        loc = _loc(item) or "body"
         if item["type"] == "extra_forbidden":
             parts.append(f"unknown field `{loc}` (lorafleet refuses fields it does not act on; README lists them)")
         else:
-            parts.append(f"{loc}: {item['msg']}")
+            parts.append(f"{loc}: {item['msg'].removeprefix('Value error, ')}")
     return "invalid request: " + "; ".join(parts)
 
 
 def _first_loc(error: ValidationError) -> str | None:
     errors = error.errors()
-    return ".".join(str(x) for x in errors[0]["loc"]) if errors and errors[0]["loc"] else None
+    return (_loc(errors[0]) or None) if errors else None
+
+
+# pydantic puts the union member it tried into an error's location ("content.str",
+# "content.list[ContentPart]"); the client sent a field, not a Python type
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _loc(item: dict) -> str:
+    parts = [str(x) for x in item["loc"]]
+    return ".".join(p for p in parts if p not in _UNION_MEMBERS and "[" not in p)

@@ -115,7 +115,10 @@ class _ModelTemplate:
             untouched = isinstance(request.prompt, str) and not request.truncate_prompt_tokens
             text = request.prompt if untouched else self.tokenizer.decode(ids)
         return RenderedPrompt(
-            tuple(ids), self._max_tokens(len(ids), request.max_tokens), tuple(self.template.stop_token_ids), text
+            tuple(ids),
+            self._max_tokens(len(ids), request.max_tokens, "messages" if request.messages is not None else "prompt"),
+            tuple(self.template.stop_token_ids),
+            text,
         )
 
     def _chat_text(self, request: RenderRequest) -> str:
@@ -169,10 +172,10 @@ class _ModelTemplate:
                 f"token id {bad[0]} is out of the vocabulary (ids run from 0 to {size - 1}).", param=param
             )
 
-    def _max_tokens(self, prompt_len: int, asked: int | None) -> int:
+    def _max_tokens(self, prompt_len: int, asked: int | None, prompt_param: str) -> int:
         room = self.max_model_len - prompt_len
         if room < 1:
-            raise PromptTooLongError(prompt_len, self.max_model_len)
+            raise PromptTooLongError(prompt_len, self.max_model_len, prompt_param)
         if asked is not None and asked > room:
             raise InvalidRequestError(
                 f"max_tokens={asked} does not fit: the prompt has {prompt_len} tokens and the context holds "

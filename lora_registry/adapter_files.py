@@ -35,16 +35,22 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
     """Metadata of the PEFT adapter at `path`; ConfigError names what is missing."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"adapter path '{path}' is not a directory; pass the folder that save_pretrained wrote.")
+        raise ConfigError(
+            f"adapter path '{path}' is not a directory; pass the folder that save_pretrained wrote.", param="lora_path"
+        )
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
-        raise ConfigError(f"'{path}' is not a PEFT adapter: adapter_config.json is missing.")
+        raise ConfigError(f"'{path}' is not a PEFT adapter: adapter_config.json is missing.", param="lora_path")
     weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
     if weights is None:
-        raise ConfigError(f"'{path}' has adapter_config.json but no weights ({' or '.join(WEIGHT_FILES)}).")
+        raise ConfigError(
+            f"'{path}' has adapter_config.json but no weights ({' or '.join(WEIGHT_FILES)}).", param="lora_path"
+        )
     config = json.loads(config_file.read_text())
     if config.get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"'{path}' is a {config.get('peft_type')} adapter; only LoRA adapters can be served.")
+        raise ConfigError(
+            f"'{path}' is a {config.get('peft_type')} adapter; only LoRA adapters can be served.", param="lora_path"
+        )
     _check_engine_can_load(path, config)
     targets = config.get("target_modules") or []
     targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
@@ -61,12 +67,14 @@ def _check_engine_can_load(path: Path, config: dict) -> None:
     """LoRA variants vLLM cannot serve are refused at registration, not at every request after it."""
     if config.get("use_dora"):
         raise ConfigError(
-            f"'{path}' is a DoRA adapter (use_dora: true); vLLM serves plain LoRA only. Merge it instead."
+            f"'{path}' is a DoRA adapter (use_dora: true); vLLM serves plain LoRA only. Merge it instead.",
+            param="lora_path",
         )
     if config.get("modules_to_save"):
         raise ConfigError(
             f"'{path}' also trains whole modules (modules_to_save: {config['modules_to_save']}); vLLM serves the "
-            "LoRA weights only. Merge the adapter into the model, or train without modules_to_save."
+            "LoRA weights only. Merge the adapter into the model, or train without modules_to_save.",
+            param="lora_path",
         )
 
 
@@ -83,7 +91,8 @@ def check_adapter_fits(info: AdapterInfo, base_config: dict, max_lora_rank: int,
     if problem := _shape_mismatch(info.shapes, base_config):
         raise ConfigError(
             f"adapter '{info.path}' was trained for another base model ({info.base_model_name_or_path or 'unknown'}): "
-            f"{problem}. Use an adapter trained on this model, or force the registration if you are sure."
+            f"{problem}. Use an adapter trained on this model, or force the registration if you are sure.",
+            param="lora_path",
         )
 
 

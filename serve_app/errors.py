@@ -37,11 +37,11 @@ class InvalidRequestError(LorafleetError, ValueError):
 
 
 class PromptTooLongError(InvalidRequestError):
-    def __init__(self, prompt_tokens: int, max_tokens: int):
+    def __init__(self, prompt_tokens: int, max_tokens: int, param: str = "messages"):
+        what = "the prompt" if param == "prompt" else "the messages or the history"
         super().__init__(
-            f"the prompt has {prompt_tokens} tokens but the model's context holds {max_tokens}; "
-            "shorten the messages or the history.",
-            param="messages",
+            f"the prompt has {prompt_tokens} tokens but the model's context holds {max_tokens}; shorten {what}.",
+            param=param,
             code="context_length_exceeded",
         )
         self.prompt_tokens = prompt_tokens

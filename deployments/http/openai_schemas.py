@@ -302,6 +302,19 @@ class FunctionDefinition(Strict):
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _a_json_schema(cls, schema: dict) -> dict:
+        """Checked here against JSON Schema's meta-schema: the engine's grammar compiler would
+        refuse a bad one later with a message about its own grammar, naming no field."""
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as e:
+            raise ValueError(f"not a valid JSON Schema: {e.message}") from None
+        return schema
+
 
 class Tool(Strict):
     type: Literal["function"]

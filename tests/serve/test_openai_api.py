@@ -241,6 +241,37 @@ def test_errors_have_openai_shape(main_app, body, status, match):
     assert "Traceback" not in response.text
 
 
+BOGUS_TOOL = {"type": "function", "function": {"name": "x", "parameters": {"type": "bogus"}}}
+
+
+@pytest.mark.parametrize(
+    "route, extra, param, match",
+    [
+        ("chat/completions", {"max_tokens": "3"}, "max_tokens", "valid integer"),
+        ("chat/completions", {"temperature": "0.5"}, "temperature", "valid number"),
+        ("chat/completions", {"stream": "yes"}, "stream", "valid boolean"),
+        ("completions", {"logprobs": True}, "logprobs", "valid integer"),
+        ("chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "valid string"),
+        ("chat/completions", {"tools": [BOGUS_TOOL], "tool_choice": "required"}, "tools.0.function.parameters",
+         "not a valid JSON Schema: 'bogus'"),
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_is_refused_not_converted(main_app, route, extra, param, match):
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if route == "chat/completions" else {"prompt": "hi"}
+    response = httpx.post(f"{main_app}/v1/{route}", json={"model": "tiny-chat", **prompt, **extra}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and match in error["message"], error
+
+
+@pytest.mark.parametrize("route, field", [("chat/completions", "messages"), ("completions", "prompt")])
+def test_a_prompt_over_the_context_names_the_field_it_came_in(main_app, route, field):
+    body = {"messages": [{"role": "user", "content": "hi " * 600}]} if field == "messages" else {"prompt": "hi " * 600}
+    error = httpx.post(f"{main_app}/v1/{route}", json={"model": "tiny-chat", **body}, timeout=30).json()["error"]
+    assert error["param"] == field and error["code"] == "context_length_exceeded"
+    assert f"shorten the {field}" in error["message"]
+
+
 def test_invalid_json_and_utf8(main_app):
     for raw in (b"{not json", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "\xff\xfe"}]}'):
         response = httpx.post(
