@@ -100,3 +100,23 @@ def test_errors_are_shown_readably(page):
     error = page.locator(".msg.error").last
     error.wait_for(timeout=30_000)
     assert "max_tokens=100000 does not fit" in error.inner_text()
+
+
+def test_regenerate_after_an_error_asks_the_failed_question_again(page):
+    """The failed question never entered the history: Regenerate asks it again and leaves the
+    answered exchange before it as it was."""
+    page.click("#clear")
+    page.select_option("#model", "xiao-huang")
+    page.fill("#max-tokens", "16")
+    page.fill("#prompt", "who are you?")
+    page.click("#send")
+    page.locator(".msg.assistant .meta").last.wait_for(timeout=60_000)
+    page.fill("#max-tokens", "100000")
+    page.fill("#prompt", "hello")
+    page.click("#send")
+    page.locator(".msg.error").last.wait_for(timeout=30_000)
+    page.fill("#max-tokens", "16")
+    page.click("#regenerate")
+    page.locator(".msg").nth(3).locator(".meta").wait_for(timeout=60_000)
+    users = [m.inner_text() for m in page.locator(".msg.user").all()]
+    assert users == ["who are you?", "hello"] and page.locator(".msg.error").count() == 0
