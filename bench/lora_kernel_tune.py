@@ -4,7 +4,7 @@ write the files that vLLM reads from `VLLM_TUNED_CONFIG_FOLDER` ({GPU}_SHRINK.js
 serve_app/assets/lora_kernels/ (issue 22: on the GPU a LoRA step's extra cost is these kernels').
 
     python bench/lora_kernel_tune.py MODEL_DIR --out FOLDER [--ranks 8 16] [--max-loras 64]
-        [--modules qkv o gate_up down] [--tp 1]
+        [--modules qkv o gate_up down] [--tp 1] [--wide]   # --wide: more warps/stages for decode (not yet run)
     python bench/lora_kernel_tune.py MODEL_DIR --out FOLDER --rebuild "NVIDIA H200"   # files from its report
 
 Why vLLM's defaults lose on decode: for fewer than 128 tokens the shrink runs split_k 64 with
@@ -109,6 +109,21 @@ def candidates(op: str, k: int, rank: int, batch: int) -> list[dict]:
     ]
 
 
+def wide_candidates(op: str, k: int, rank: int, batch: int) -> list[dict]:
+    """`--wide`: for decode batches, also fewer or more warps and other pipeline depths. With one
+    token per adapter each program has a 16-row tile with one live row; fewer warps may waste less."""
+    found = candidates(op, k, rank, batch)
+    if batch >= 128:
+        return found
+    if op == "expand":
+        tiles = [dict(found[0], block_m=16, block_n=bn) for bn in (64, 128, 256, 512)]
+        variants = itertools.product(tiles, [1, 2, 4, 8], [1, 2])
+    else:
+        variants = itertools.product(found, [2], [2])
+    extra = [dict(c, num_warps=w, num_stages=st) for c, w, st in variants]
+    return found + [c for c in extra if c not in found]
+
+
 class Case:
     """One kernel call's tensors: `batch` tokens spread over `distinct` adapters of `max_loras` slots."""
 
@@ -185,7 +200,7 @@ def output(case: Case, config: dict):
     return case.y.float().clone()
 
 
-def tune_shape(op, k, widths, rank, max_loras, batch) -> dict:
+def tune_shape(op, k, widths, rank, max_loras, batch, wide: bool = False) -> dict:
     """The best config for one (op, shape, batch), with its times and the default's."""
     from vllm.lora.ops.triton_ops import utils
 
@@ -199,7 +214,7 @@ def tune_shape(op, k, widths, rank, max_loras, batch) -> dict:
     use(default)
     base = [gpu_us(c) for c in cases]
     best, best_score, best_us = default, 1.0, base
-    for config in candidates(op, k, rank, batch):
+    for config in (wide_candidates if wide else candidates)(op, k, rank, batch):
         use(config)
         try:
             times = [gpu_us(c) for c in cases]
@@ -234,6 +249,7 @@ def main() -> None:
     parser.add_argument("--modules", nargs="+", default=["qkv"], choices=["qkv", "o", "gate_up", "down"])
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--wide", action="store_true", help="decode batches: also 1-8 warps (expand), 1-2 stages")
     parser.add_argument("--rebuild", metavar="GPU_NAME", help="only rewrite the files from --out's tune_report.json")
     args = parser.parse_args()
     shapes = module_shapes(json.loads((args.model_dir / "config.json").read_text()), args.tp)
@@ -254,7 +270,7 @@ def tune_all(args, shapes: dict, files: ConfigFiles) -> None:
         args.max_loras, args.modules, args.ranks, ["shrink", "expand"], args.batches
     ):
         k, widths = shapes[module]
-        result = tune_shape(op, k, widths, rank, max_loras, batch)
+        result = tune_shape(op, k, widths, rank, max_loras, batch, args.wide)
         shape = {"k": k, "widths": widths, "tp": args.tp}
         files.report.append(
             {"max_loras": max_loras, "module": module, "rank": rank, "op": op, "batch": batch, **shape, **result}
