@@ -120,3 +120,22 @@ def test_regenerate_after_an_error_asks_the_failed_question_again(page):
     page.locator(".msg").nth(3).locator(".meta").wait_for(timeout=60_000)
     users = [m.inner_text() for m in page.locator(".msg.user").all()]
     assert users == ["who are you?", "hello"] and page.locator(".msg.error").count() == 0
+
+
+def test_a_chat_longer_than_the_context_leaves_its_oldest_exchange_out(page):
+    """A long first answer, then a question whose max_tokens fits the context only without it."""
+    page.click("#clear")
+    page.select_option("#model", "tiny-chat")
+    page.check("#ignore-eos")
+    page.fill("#max-tokens", "200")
+    page.fill("#prompt", "hello")
+    page.click("#send")
+    page.locator(".msg.assistant .meta").last.wait_for(timeout=60_000)
+    page.uncheck("#ignore-eos")
+    page.fill("#max-tokens", "400")  # fits the 512-token context with the question alone
+    page.fill("#prompt", "who are you?")
+    page.click("#send")
+    meta = page.locator(".msg.assistant .meta").nth(1)
+    meta.wait_for(timeout=60_000)
+    assert "1 oldest exchange left out to fit the context" in meta.inner_text()
+    assert page.locator(".msg.error").count() == 0
