@@ -216,9 +216,16 @@ class SamplingFields(Strict):
             value = getattr(self, name)
             return value if value is not None else defaults.get(name, fallback)
 
+        temperature = pick("temperature", 1.0)
+        if self.n > 1 and temperature == 0:
+            why = "the request's temperature is 0" if self.temperature is not None else "this model's default is greedy"
+            raise InvalidRequestError(
+                f"n={self.n} asks for different answers, but {why}; send a temperature above 0 (OpenAI's default is 1).",
+                param="n",
+            )
         return SamplingOptions(
             max_tokens=max_tokens,
-            temperature=pick("temperature", 1.0),
+            temperature=temperature,
             top_p=pick("top_p", 1.0),
             top_k=max(pick("top_k", 0), 0),
             min_p=self.min_p,

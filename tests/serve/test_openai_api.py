@@ -254,9 +254,11 @@ BOGUS_TOOL = {"type": "function", "function": {"name": "x", "parameters": {"type
         ("chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "valid string"),
         ("chat/completions", {"tools": [BOGUS_TOOL], "tool_choice": "required"}, "tools.0.function.parameters",
          "not a valid JSON Schema: 'bogus'"),
+        ("chat/completions", {"n": 2}, "n", "this model's default is greedy"),  # tiny-chat's default
+        ("completions", {"n": 2, "temperature": 0}, "n", "temperature is 0"),
     ],
 )  # fmt: skip
-def test_a_value_of_the_wrong_type_is_refused_not_converted(main_app, route, extra, param, match):
+def test_a_value_that_cannot_work_is_refused_by_name(main_app, route, extra, param, match):
     prompt = {"messages": [{"role": "user", "content": "hi"}]} if route == "chat/completions" else {"prompt": "hi"}
     response = httpx.post(f"{main_app}/v1/{route}", json={"model": "tiny-chat", **prompt, **extra}, timeout=30)
     assert response.status_code == 400, response.text
