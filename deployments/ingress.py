@@ -51,7 +51,7 @@ from serve_app.errors import (
     RateLimitError,
 )
 from serve_app.messages import AdapterRef, Delta, FirstMessage, GenerationRequest, RenderRequest, StructuredOutput
-from serve_app.platform import freeze_startup_heap
+from serve_app.platform import freeze_startup_heap, write_warnings_at_once
 
 logger = logging.getLogger(__name__)
 WEB_UI = (Path(__file__).resolve().parent.parent / "serve_app" / "web" / "index.html").read_text(encoding="utf-8")
@@ -67,6 +67,7 @@ class Ingress:
     then streams from that model's LLMServer and formats OpenAI responses."""
 
     async def __init__(self, config: AppConfig, renderer, servers: dict, registry):
+        write_warnings_at_once()
         self.config = config
         self.renderer = renderer
         # Short prompts render here, with the Renderer deployment's own code: ~1 ms of work, against a
@@ -513,6 +514,14 @@ class Ingress:
             record = self.adapter_state.adapters.get(name)
         if record is not None and visible and caller.may_use(record.base_model, self.models):
             return self.models[record.base_model], record.ref()
+        if visible and (base := self.adapter_state.unserved.get(name)):
+            how = "serves it without LoRA" if base in self.models else "does not serve it"
+            raise NotFoundError(
+                f"adapter '{name}' is registered for model '{base}', and this app {how}; start it with the "
+                "adapter in lora_modules (or engine.enable_lora) to serve it, or unload the adapter.",
+                param="model",
+                code="model_not_found",
+            )
         raise NotFoundError(
             f"model '{name}' does not exist; GET /v1/models lists the served models and adapters.",
             param="model",

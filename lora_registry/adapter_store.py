@@ -49,6 +49,8 @@ class RegistryState:
     keys_on: bool = False
     # base model -> the modules its engines apply LoRA to (None: all; engines/lora_targets.py)
     engine_modules: Mapping[str, tuple[str, ...] | None] = field(default_factory=dict)
+    # stored adapters not served: name -> their base model, which runs here without LoRA or not at all
+    unserved: Mapping[str, str] = field(default_factory=dict)
 
     def supersedes(self, other: RegistryState) -> bool:
         """Whether this state is at least as new as `other`. Versions are "<run>:<change counter>";

@@ -24,6 +24,7 @@ from lora_registry.path_policy import PathPolicy
 from lora_registry.remote_sources import AdapterCache, is_url
 from serve_app.engines import lora_targets
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+from serve_app.platform import write_warnings_at_once
 
 logger = logging.getLogger("ray.serve")
 
@@ -62,6 +63,7 @@ class LoraRegistry:
         startup: dict[str, StartupAdapter],
         database_url: str | None = None,
     ):
+        write_warnings_at_once()
         state = Path(state_dir).expanduser()
         (state / "adapters").mkdir(parents=True, exist_ok=True)
         database = Database.for_state_dir(database_url, state)
@@ -91,11 +93,10 @@ class LoraRegistry:
             wanted = (self.policy.check(adapter.path), adapter.base_model, adapter.pinned, adapter.preload)
             if current is None or (current.path, current.base_model, current.pinned, current.preload) != wanted:
                 self._register(name, adapter.path, adapter.base_model, True, False, adapter.pinned, adapter.preload)
-        if held := sorted(self.records.keys() - self._servable().keys()):
+        if held := self._unserved():
             logger.warning(
-                "registered adapters not served, their base model is not served here with LoRA "
-                "(give lora_modules or engine.enable_lora to serve them): %s",
-                ", ".join(f"{n} ({self.records[n].base_model})" for n in held),
+                "registered adapters not served: their base model runs here without LoRA or not at all "
+                f"(lora_modules or engine.enable_lora serve them again): {', '.join(held)}"
             )
         for b in bases:
             if b.supported_modules is not None and b.lora_target_modules == "auto":
@@ -121,6 +122,10 @@ class LoraRegistry:
 
     # --- queries ------------------------------------------------------------------------------
 
+    def _unserved(self) -> list[str]:
+        """'name (base model)' of each stored adapter that is not served (see _servable)."""
+        return [f"{n} ({self.records[n].base_model})" for n in sorted(self.records.keys() - self._servable().keys())]
+
     def _servable(self) -> dict[str, AdapterRecord]:
         """The records the followers serve: an adapter kept from an earlier run whose base model
         is now served without LoRA (or not at all) stays stored, but is neither listed nor routed."""
@@ -137,6 +142,7 @@ class LoraRegistry:
             dict(self.keys),
             self.keys_on,
             dict(self.engine_modules),
+            {n: self.records[n].base_model for n in self.records.keys() - self._servable().keys()},
         )
 
     async def listen(self, known_version: str, timeout_s: float = 30.0) -> RegistryState:

@@ -310,7 +310,8 @@ def test_adapters_kept_from_a_run_with_lora_are_not_served_by_one_without(tmp_pa
     for bases in ([no_lora], [BaseModelSpec("other", BASE.config, True, 16, VLLM_LORA_MODULES)]):
         caplog.clear()
         reg = LoraRegistry(str(tmp_path / "state"), bases, [str(adapters["root"])], {}, DATABASE_URL)
-        assert "kept" not in run(reg.state()).adapters and "kept" in reg.records
-        assert "kept (tiny-chat)" in caplog.text
+        state = run(reg.state())
+        assert "kept" not in state.adapters and state.unserved == {"kept": "tiny-chat"} and "kept" in reg.records
+        assert "kept (tiny-chat)" in caplog.text and reg._unserved() == ["kept (tiny-chat)"]
     reg = registry(tmp_path, adapters)
     assert run(reg.state()).adapters["kept"].path == str(adapters["a"])
