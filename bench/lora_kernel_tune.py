@@ -341,7 +341,7 @@ def _us(times: list[float]) -> str:
 
 
 def _short(config: dict) -> str:
-    keys = ["block_m", "block_n", "block_k", "split_k", "num_warps"]
+    keys = ["block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages"]
     return " ".join(f"{k.replace('block_', 'b')}={config[k]}" for k in keys if k in config)
 
 

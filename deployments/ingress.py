@@ -514,7 +514,7 @@ class Ingress:
             record = self.adapter_state.adapters.get(name)
         if record is not None and visible and caller.may_use(record.base_model, self.models):
             return self.models[record.base_model], record.ref()
-        if visible and (base := self.adapter_state.unserved.get(name)):
+        if visible and (base := self.adapter_state.unserved.get(name)) and caller.may_use(base, self.models):
             how = "serves it without LoRA" if base in self.models else "does not serve it"
             raise NotFoundError(
                 f"adapter '{name}' is registered for model '{base}', and this app {how}; start it with the "
@@ -784,4 +784,5 @@ _UNION_MEMBERS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 def _loc(item: dict) -> str:
     parts = [str(x) for x in item["loc"]]
-    return ".".join(p for p in parts if p not in _UNION_MEMBERS and "[" not in p)
+    members = [p in _UNION_MEMBERS or "[" in p or p[:1].isupper() for p in parts]  # a model class: `NamedToolChoice`
+    return ".".join(p for p, member in zip(parts, members) if not member)

@@ -87,9 +87,10 @@ class AdapterPlacement:
 
     record: AdapterRecord
     replicas: tuple[str, ...]
+    served: bool = True  # False: kept from a run whose model had LoRA; this one's has not (RegistryState.unserved)
 
     def to_dict(self) -> dict:
-        return {**self.record.to_dict(), "replicas": list(self.replicas)}
+        return {**self.record.to_dict(), "replicas": list(self.replicas), "served": self.served}
 
 
 class AdapterStore:

@@ -157,10 +157,12 @@ class LoraRegistry:
 
     async def describe(self) -> list[AdapterPlacement]:
         """Records plus the engine replicas that hold each adapter now."""
-        live = await self.replicas()
+        live, servable = await self.replicas(), self._servable()
         return [
-            AdapterPlacement(rec, tuple(sorted(r.replica for r in live if rec.adapter_id in r.adapter_ids)))
-            for rec in self.records.values()
+            AdapterPlacement(
+                rec, tuple(sorted(r.replica for r in live if rec.adapter_id in r.adapter_ids)), name in servable
+            )
+            for name, rec in self.records.items()
         ]
 
     async def replicas(self) -> list[ReplicaResidency]:

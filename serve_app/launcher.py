@@ -50,14 +50,18 @@ def run_app(
         serve.shutdown()
     except RuntimeError as e:  # Serve says only which deployments failed; the reason is in its status
         reasons = _startup_failures()
-        serve.shutdown()
+        if _cluster_running():  # a cluster of the user's: its other apps keep running
+            serve.delete("lorafleet")
+        else:
+            serve.shutdown()
         if not reasons:
             raise
         raise StartupError(f"the app did not start: {'; '.join(reasons)}") from e
     return url
 
 
-_EXCEPTION_CLASS = re.compile(r"^[\w.]+(Error|Exception): ")
+# "pkg.ConfigError: why" or "ray.exceptions.RayTaskError(ConfigError): why"
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception)(\([\w.]+\))?: (?P<why>.+)")
 
 
 class StartupError(LorafleetError):
@@ -65,7 +69,7 @@ class StartupError(LorafleetError):
 
 
 def _startup_failures() -> list[str]:
-    """'Deployment: the error's last line' for each deployment that failed to start."""
+    """'Deployment: the reason' for each deployment that failed to start."""
     from ray import serve
 
     try:
@@ -74,9 +78,8 @@ def _startup_failures() -> list[str]:
         return []
     found = []
     for name, deployment in (app.deployments if app else {}).items():
-        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
-        if deployment.status == "DEPLOY_FAILED" and lines:  # the traceback's last line, less its class
-            found.append(f"{name}: {_EXCEPTION_CLASS.sub('', lines[-1])}")
+        if deployment.status == "DEPLOY_FAILED" and deployment.message:
+            found.append(f"{name}: {_reason(deployment.message)}")
     return found
 
 
@@ -97,3 +100,14 @@ def _names(config: AppConfig) -> list[str]:
 
 def _cluster_running() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def _reason(message: str) -> str:
+    """The last exception line of a traceback, less its class, and what follows it (a pydantic
+    error's field lines); else the message's last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if match := _EXCEPTION_LINE.match(lines[i]):
+            rest = [line for line in lines[i + 1 :] if not line.startswith("For further information")]
+            return " ".join([match["why"], *rest])
+    return lines[-1] if lines else message

@@ -9,6 +9,7 @@ openai client's `extra_body`.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Annotated, Any, Literal
 
@@ -314,13 +315,28 @@ class FunctionDefinition(Strict):
     def _a_json_schema(cls, schema: dict) -> dict:
         """Checked here against JSON Schema's meta-schema: the engine's grammar compiler would
         refuse a bad one later with a message about its own grammar, naming no field."""
-        import jsonschema
-
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as e:
-            raise ValueError(f"not a valid JSON Schema: {e.message}") from None
+        if problem := _schema_problem(json.dumps(schema, sort_keys=True)):
+            raise ValueError(f"not a valid JSON Schema: {problem}")
         return schema
+
+
+@functools.lru_cache(maxsize=1024)  # agents send the same tools with every turn; a check takes ms
+def _schema_problem(schema_json: str) -> str | None:
+    import jsonschema
+
+    schema = json.loads(schema_json)
+    if not isinstance(schema.get("$schema", ""), str):
+        return "`$schema` must be a string, the URI of a meta-schema"
+    try:
+        validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        # no format checks: Python's `re` would refuse ECMA-262 patterns (\p{L}, (?<name>)) that
+        # OpenAI and the engine's grammar compiler take
+        validator.check_schema(schema, format_checker=None)
+    except jsonschema.SchemaError as e:
+        return e.message
+    except Exception as e:  # noqa: BLE001  a schema jsonschema cannot even walk is not valid either
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 class Tool(Strict):

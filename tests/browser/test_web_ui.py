@@ -115,6 +115,8 @@ def test_regenerate_after_an_error_asks_the_failed_question_again(page):
     page.fill("#prompt", "hello")
     page.click("#send")
     page.locator(".msg.error").last.wait_for(timeout=30_000)
+    # the page tried again without the first exchange (the error is about the context), then kept it
+    assert page.evaluate("() => state.history.length") == 1
     page.fill("#max-tokens", "16")
     page.click("#regenerate")
     page.locator(".msg").nth(3).locator(".meta").wait_for(timeout=60_000)

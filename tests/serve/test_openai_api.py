@@ -254,6 +254,8 @@ BOGUS_TOOL = {"type": "function", "function": {"name": "x", "parameters": {"type
         ("chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "valid string"),
         ("chat/completions", {"tools": [BOGUS_TOOL], "tool_choice": "required"}, "tools.0.function.parameters",
          "not a valid JSON Schema: 'bogus'"),
+        ("chat/completions", {"tools": [{"type": "function", "function": {"name": "x", "parameters": {"$schema": 5}}}]},
+         "tools.0.function.parameters", "`$schema` must be a string"),
         ("chat/completions", {"n": 2}, "n", "this model's default is greedy"),  # tiny-chat's default
         ("completions", {"n": 2, "temperature": 0}, "n", "temperature is 0"),
     ],
@@ -264,6 +266,17 @@ def test_a_value_that_cannot_work_is_refused_by_name(main_app, route, extra, par
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and match in error["message"], error
+
+
+def test_a_tool_schema_with_ecma_regex_patterns_is_taken(main_app):
+    """JSON Schema's patterns are ECMA-262 regexes (OpenAI takes them); Python's `re` would not."""
+    city = {"type": "string", "pattern": "^\\p{L}+$"}
+    date = {"type": "string", "pattern": "(?<year>\\d{4})"}
+    params = {"type": "object", "properties": {"city": city, "date": date}}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": params}}
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "tools": [tool], "max_tokens": 2}
+    response = httpx.post(f"{main_app}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("route, field", [("chat/completions", "messages"), ("completions", "prompt")])

@@ -120,3 +120,22 @@ def test_context_length_is_decided_once_for_the_app(tmp_path):
     assert context_length(str(ckpt), None, False) == 512  # the smallest length the config states
     with pytest.raises(ConfigError, match="set max_model_len"):
         context_length(str(tmp_path / "nowhere"), None, False)
+
+
+def test_a_failed_deployment_is_told_by_its_exception_not_by_the_traceback():
+    """What `lorafleet deploy` prints for a constructor that raised (Serve's status message)."""
+    from serve_app.launcher import _reason
+
+    traceback = 'Traceback (most recent call last):\n  File "x.py", line 1\n    raise ...\n'
+    assert _reason(traceback + "serve_app.errors.ConfigError: adapter path '/x' is not a directory.") == (
+        "adapter path '/x' is not a directory."
+    )
+    pydantic = (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for EngineArgs\nmax_model_len\n"
+        "  Input should be a valid integer [type=int_type]\n    For further information visit https://errors.pydantic.dev"
+    )
+    assert _reason(traceback + pydantic) == (
+        "1 validation error for EngineArgs max_model_len Input should be a valid integer [type=int_type]"
+    )
+    assert _reason("ray.exceptions.RayTaskError(ConfigError): bad rank") == "bad rank"
+    assert _reason("the replica died\nwithout a word") == "without a word"

@@ -3,6 +3,7 @@ databases: a SQLite file and a real PostgreSQL server (tests/postgres_server.py)
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import threading
@@ -300,10 +301,11 @@ def test_auto_without_adapters_takes_any_and_a_listed_set_refuses_at_start(tmp_p
         )
 
 
-def test_adapters_kept_from_a_run_with_lora_are_not_served_by_one_without(tmp_path, adapters, caplog):
+def test_adapters_kept_from_a_run_with_lora_are_not_served_by_one_without(tmp_path, adapters, caplog, monkeypatch):
     """A restart on the same state without LoRA (or under another model name) keeps the records
     but neither lists nor routes them (a request would reach an engine that cannot load them);
     the log names them. A restart with LoRA serves them again."""
+    monkeypatch.setattr(logging.getLogger("ray.serve"), "propagate", True)  # importing Serve turns it off
     reg = registry(tmp_path, adapters)
     run(reg.register("kept", str(adapters["a"])))
     no_lora = BaseModelSpec(BASE.name, BASE.config, False, 16, VLLM_LORA_MODULES)
@@ -313,5 +315,6 @@ def test_adapters_kept_from_a_run_with_lora_are_not_served_by_one_without(tmp_pa
         state = run(reg.state())
         assert "kept" not in state.adapters and state.unserved == {"kept": "tiny-chat"} and "kept" in reg.records
         assert "kept (tiny-chat)" in caplog.text and reg._unserved() == ["kept (tiny-chat)"]
+        assert [p.to_dict()["served"] for p in run(reg.describe())] == [False]
     reg = registry(tmp_path, adapters)
     assert run(reg.state()).adapters["kept"].path == str(adapters["a"])
