@@ -778,11 +778,10 @@ def _first_loc(error: ValidationError) -> str | None:
 
 
 # pydantic puts the union member it tried into an error's location ("content.str",
-# "content.list[ContentPart]"); the client sent a field, not a Python type
+# "content.list[ContentPart]", "tool_choice.NamedToolChoice"); the client sent a field, not a type
 _UNION_MEMBERS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
 def _loc(item: dict) -> str:
-    parts = [str(x) for x in item["loc"]]
-    members = [p in _UNION_MEMBERS or "[" in p or p[:1].isupper() for p in parts]  # a model class: `NamedToolChoice`
-    return ".".join(p for p, member in zip(parts, members) if not member)
+    parts = (str(x) for x in item["loc"])
+    return ".".join(p for p in parts if p not in _UNION_MEMBERS and "[" not in p and not p[:1].isupper())

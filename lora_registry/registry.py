@@ -93,10 +93,10 @@ class LoraRegistry:
             wanted = (self.policy.check(adapter.path), adapter.base_model, adapter.pinned, adapter.preload)
             if current is None or (current.path, current.base_model, current.pinned, current.preload) != wanted:
                 self._register(name, adapter.path, adapter.base_model, True, False, adapter.pinned, adapter.preload)
-        if held := self._unserved():
+        if held := self._unserved(self._servable()):
             logger.warning(
                 "registered adapters not served: their base model runs here without LoRA or not at all "
-                f"(lora_modules or engine.enable_lora serve them again): {', '.join(held)}"
+                f"(lora_modules or engine.enable_lora serve them again): {', '.join(f'{n} ({b})' for n, b in held.items())}"
             )
         for b in bases:
             if b.supported_modules is not None and b.lora_target_modules == "auto":
@@ -122,9 +122,9 @@ class LoraRegistry:
 
     # --- queries ------------------------------------------------------------------------------
 
-    def _unserved(self) -> list[str]:
-        """'name (base model)' of each stored adapter that is not served (see _servable)."""
-        return [f"{n} ({self.records[n].base_model})" for n in sorted(self.records.keys() - self._servable().keys())]
+    def _unserved(self, servable: dict[str, AdapterRecord]) -> dict[str, str]:
+        """name -> base model of each stored adapter that `servable` (from _servable) leaves out."""
+        return {n: r.base_model for n, r in sorted(self.records.items()) if n not in servable}
 
     def _servable(self) -> dict[str, AdapterRecord]:
         """The records the followers serve: an adapter kept from an earlier run whose base model
@@ -136,13 +136,14 @@ class LoraRegistry:
         }
 
     async def state(self) -> RegistryState:
+        servable = self._servable()
         return RegistryState(
             f"{self.generation}:{self.counter}",
-            self._servable(),
+            servable,
             dict(self.keys),
             self.keys_on,
             dict(self.engine_modules),
-            {n: self.records[n].base_model for n in self.records.keys() - self._servable().keys()},
+            self._unserved(servable),
         )
 
     async def listen(self, known_version: str, timeout_s: float = 30.0) -> RegistryState:

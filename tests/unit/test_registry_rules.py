@@ -314,7 +314,7 @@ def test_adapters_kept_from_a_run_with_lora_are_not_served_by_one_without(tmp_pa
         reg = LoraRegistry(str(tmp_path / "state"), bases, [str(adapters["root"])], {}, DATABASE_URL)
         state = run(reg.state())
         assert "kept" not in state.adapters and state.unserved == {"kept": "tiny-chat"} and "kept" in reg.records
-        assert "kept (tiny-chat)" in caplog.text and reg._unserved() == ["kept (tiny-chat)"]
+        assert "kept (tiny-chat)" in caplog.text and reg._unserved(reg._servable()) == {"kept": "tiny-chat"}
         assert [p.to_dict()["served"] for p in run(reg.describe())] == [False]
     reg = registry(tmp_path, adapters)
     assert run(reg.state()).adapters["kept"].path == str(adapters["a"])
