@@ -2,7 +2,9 @@
 SQLite's file stays whole. (An engine replica lost mid-stream, with its whole node, is in
 tests/cluster/test_node_loss.py.)"""
 
+import asyncio
 import concurrent.futures as futures
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -101,3 +103,39 @@ def test_registry_killed_during_registrations(failing_app):
     db = next(Path(f"{STATE}/failing").glob("*.sqlite"))
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@pytest.fixture(scope="module")
+def app_without_the_adapters_model(serve_instance):
+    """State holding an adapter of a model named "tiny-gone" (registered by the real registry
+    class, as an earlier run would have), served by an app whose only model is another one."""
+    from lora_registry.registry import BaseModelSpec, LoraRegistry
+    from serve_app.engines.lora_targets import VLLM_LORA_MODULES
+    from serve_app.model_types import TINY_CHAT_DIR
+
+    state = f"{STATE}/kept"
+    gone = BaseModelSpec("tiny-gone", json.loads((TINY_CHAT_DIR / "config.json").read_text()), True, 16,
+                         VLLM_LORA_MODULES)  # fmt: skip
+    earlier = LoraRegistry(state, [gone], [str(XIAO_HUANG_DIR.parent)], {})
+    asyncio.run(earlier.register("xh-kept", str(XIAO_HUANG_DIR)))  # in this process, as the earlier run's replica
+    config = AppConfig.model_validate(
+        {
+            "registry": {"state_dir": state, "allowed_roots": [str(XIAO_HUANG_DIR.parent)]},
+            "models": [{"name": "tiny-kept", "model_type": "tiny-chat", "infer_backend": "pt"}],
+        }
+    )
+    serve_instance.run(build_from_config(config), name="kept", route_prefix="/kept")
+    yield f"{BASE}/kept"
+    serve.delete("kept")
+
+
+def test_an_adapter_kept_from_an_earlier_run_is_not_served_and_a_request_learns_why(app_without_the_adapters_model):
+    app = app_without_the_adapters_model
+    assert [m["id"] for m in httpx.get(f"{app}/v1/models", timeout=30).json()["data"]] == ["tiny-kept"]
+    body = {"model": "xh-kept", "messages": [{"role": "user", "content": "who are you?"}]}
+    response = httpx.post(f"{app}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["param"] == "model" and "registered for model 'tiny-gone'" in error["message"]
+    [record] = httpx.get(f"{app}/v1/adapters", timeout=30).json()["data"]
+    assert record["name"] == "xh-kept" and record["served"] is False
