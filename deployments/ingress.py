@@ -24,7 +24,7 @@ from deployments.http.admin_schemas import (
     LoadLoraRequest,
     UnloadLoraRequest,
 )
-from deployments.http.error_handlers import install_error_handlers, unwrap
+from deployments.http.error_handlers import install_error_handlers, params_renamed, unwrap
 from deployments.http.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -54,6 +54,7 @@ from serve_app.messages import AdapterRef, Delta, FirstMessage, GenerationReques
 from serve_app.platform import freeze_startup_heap, write_warnings_at_once
 
 logger = logging.getLogger(__name__)
+REST_FIELDS = {"lora_name": "name", "lora_path": "path"}  # vLLM's route's field -> /v1/adapters' field
 WEB_UI = (Path(__file__).resolve().parent.parent / "serve_app" / "web" / "index.html").read_text(encoding="utf-8")
 app = FastAPI(title="lorafleet", description="OpenAI-compatible API for LLMs and LoRA adapters")
 
@@ -207,6 +208,7 @@ class Ingress:
             n=req.n,
         )
         structured = plan.structured or req.structured_output()
+        req.check_n(model.sampling_defaults)
         caller = self.admit(request.state.caller, req.requested_max_tokens, req.n)
         return await self.generate("chat", req, [render], model, adapter, options, structured, caller)
 
@@ -233,6 +235,7 @@ class Ingress:
             n=req.n,
         )
         structured = req.structured_output()
+        req.check_n(model.sampling_defaults)
         caller = self.admit(request.state.caller, req.requested_max_tokens, req.n * len(renders))
         return await self.generate("completion", req, renders, model, adapter, options, structured, caller)
 
@@ -298,10 +301,11 @@ class Ingress:
     async def create_adapter(self, request: Request):
         body = await self.read_admin_body(request, AdapterCreate, tenants_may_register=True)
         caller = request.state.caller
-        base = self._check_registrant(caller, body.name, body.base_model, body.force, body.pinned, body.preload)
-        record = await self.registry.register.remote(
-            body.name, body.path, base, body.replace, body.force, body.pinned, body.preload, caller.tenant
-        )
+        with params_renamed(REST_FIELDS):
+            base = self._check_registrant(caller, body.name, body.base_model, body.force, body.pinned, body.preload)
+            record = await self.registry.register.remote(
+                body.name, body.path, base, body.replace, body.force, body.pinned, body.preload, caller.tenant
+            )
         self._registered(record)
         return JSONResponse({"object": "lora_adapter", **record.to_dict()}, status_code=201)
 
@@ -317,7 +321,8 @@ class Ingress:
     async def delete_adapter(self, name: str, request: Request):
         caller = await self._admin(request, tenants_may_register=True)
         self._check_owner(caller, name, "name")
-        record = await self.registry.unregister.remote(name)
+        with params_renamed(REST_FIELDS):
+            record = await self.registry.unregister.remote(name)
         await self._refresh_adapters()
         return {"object": "lora_adapter", "deleted": True, **record.to_dict()}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,20 @@ async def _unexpected_error(request: Request, exc: Exception):
     logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     error = LorafleetError("internal error; the server log has the details.")
     return JSONResponse(error.to_dict(), status_code=500)
+
+
+@contextlib.contextmanager
+def params_renamed(names: dict[str, str]):
+    """Errors raised inside name the fields as this route's body spells them: the registry and the
+    checks speak vLLM's names (`lora_name`, `lora_path`), the REST routes' bodies say `name`, `path`."""
+    try:
+        yield
+    except Exception as e:
+        error = unwrap(e)
+        if isinstance(error, LorafleetError) and error.param in names:
+            error.param = names[error.param]
+            raise error from None
+        raise
 
 
 def unwrap(exc: BaseException) -> BaseException:

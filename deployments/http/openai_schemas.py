@@ -203,6 +203,18 @@ class SamplingFields(Strict):
     def structured_output(self) -> StructuredOutput | None:
         return self.structured_outputs.spec() if self.structured_outputs else None
 
+    def check_n(self, defaults: dict) -> float:
+        """The temperature, once `n` is known to be answerable with it (checked before the request
+        is admitted, so a refused one does not count against a tenant's limits)."""
+        temperature = self.temperature if self.temperature is not None else defaults.get("temperature", 1.0)
+        if self.n > 1 and temperature == 0:
+            why = "the request's temperature is 0" if self.temperature is not None else "this model's default is greedy"
+            raise InvalidRequestError(
+                f"n={self.n} asks for different answers, but {why}; send a temperature above 0 (OpenAI's default is 1).",
+                param="n",
+            )
+        return temperature
+
     def sampling_options(
         self,
         max_tokens: int,
@@ -217,13 +229,7 @@ class SamplingFields(Strict):
             value = getattr(self, name)
             return value if value is not None else defaults.get(name, fallback)
 
-        temperature = pick("temperature", 1.0)
-        if self.n > 1 and temperature == 0:
-            why = "the request's temperature is 0" if self.temperature is not None else "this model's default is greedy"
-            raise InvalidRequestError(
-                f"n={self.n} asks for different answers, but {why}; send a temperature above 0 (OpenAI's default is 1).",
-                param="n",
-            )
+        temperature = self.check_n(defaults)
         return SamplingOptions(
             max_tokens=max_tokens,
             temperature=temperature,

@@ -166,10 +166,12 @@ def test_tenant_keys_see_and_use_only_their_own_and_are_limited(guarded_app):
     with pytest.raises(openai.NotFoundError) as missing:
         globex_client.chat.completions.create(model="acme:none", **ask)
     assert str(hidden.value).replace("acme:bot", "X") == str(missing.value).replace("acme:none", "X")
-    assert globex_client.chat.completions.create(model="guarded", **ask).choices[0].message.content
-    with pytest.raises(openai.RateLimitError) as limited:  # its second request this minute, then a third
-        for _ in range(2):
-            globex_client.chat.completions.create(model="guarded", **ask)
+    with pytest.raises(openai.BadRequestError):  # refused before admission: not one of its 2 a minute
+        globex_client.chat.completions.create(model="guarded", n=2, **ask)
+    for _ in range(2):
+        assert globex_client.chat.completions.create(model="guarded", **ask).choices[0].message.content
+    with pytest.raises(openai.RateLimitError) as limited:  # its third request this minute
+        globex_client.chat.completions.create(model="guarded", **ask)
     assert 1 <= int(limited.value.response.headers["Retry-After"]) <= 30
     assert limited.value.body["code"] == "rate_limit_exceeded"
     # tokens/minute: a request sets aside its max_tokens when admitted, and settles what it used

@@ -17,6 +17,7 @@ from peft import PeftModel
 from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from deployments.ingress import REST_FIELDS
 from serve_app.app import build_from_config
 from serve_app.config import AppConfig
 from serve_app.model_types import TINY_CHAT_DIR, XIAO_HUANG_DIR
@@ -238,19 +239,26 @@ def test_unload_then_404_and_replace_uses_new_weights_everywhere(lora_app, adapt
 
 
 @pytest.mark.parametrize(
-    "body,status,match",
+    "body,status,match,param",
     [
-        ({"lora_name": "xiao-huang", "lora_path": str(XIAO_HUANG_DIR)}, 409, "already exists"),
-        ({"lora_name": "tiny-lora", "lora_path": str(XIAO_HUANG_DIR)}, 409, "base model name"),
-        ({"lora_name": "out", "lora_path": "/etc"}, 403, "outside the allowed roots"),
-        ({"lora_name": "dots", "lora_path": f"{XIAO_HUANG_DIR}/../xiao-huang"}, 403, "contains '..'"),
-        ({"lora_name": "bad"}, 400, "lora_path"),
+        ({"lora_name": "xiao-huang", "lora_path": str(XIAO_HUANG_DIR)}, 409, "already exists", "lora_name"),
+        ({"lora_name": "tiny-lora", "lora_path": str(XIAO_HUANG_DIR)}, 409, "base model name", "lora_name"),
+        ({"lora_name": "out", "lora_path": "/etc"}, 403, "outside the allowed roots", "lora_path"),
+        ({"lora_name": "dots", "lora_path": f"{XIAO_HUANG_DIR}/../xiao-huang"}, 403, "contains '..'", "lora_path"),
+        ({"lora_name": "nope", "lora_path": "{root}"}, 400, "not a PEFT adapter", "lora_path"),
+        ({"lora_name": "bad"}, 400, "lora_path", "lora_path"),
     ],
 )
-def test_registration_errors(lora_app, body, status, match):
+def test_registration_errors(lora_app, adapters, body, status, match, param):
+    """Both routes refuse alike, and each names the field as its own body spells it."""
+    body = {k: v.format(root=adapters[0]) for k, v in body.items()}  # (the root: a folder, not an adapter)
     response = httpx.post(f"{URL}/v1/load_lora_adapter", json=body, timeout=30)
     assert response.status_code == status, response.text
-    assert match in response.json()["error"]["message"]
+    assert match in response.json()["error"]["message"] and response.json()["error"]["param"] == param
+    rest = {REST_FIELDS[k]: v for k, v in body.items()}
+    response = httpx.post(f"{URL}/v1/adapters", json=rest, timeout=30)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == REST_FIELDS[param], response.text
 
 
 def test_rank_and_base_model_checks(lora_app, adapters):
