@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import logging
 import time
 import uuid
 from pathlib import Path
@@ -51,9 +50,9 @@ from serve_app.errors import (
     RateLimitError,
 )
 from serve_app.messages import AdapterRef, Delta, FirstMessage, GenerationRequest, RenderRequest, StructuredOutput
-from serve_app.platform import freeze_startup_heap, write_warnings_at_once
+from serve_app.platform import freeze_startup_heap, replica_logger, set_up_replica_logging
 
-logger = logging.getLogger(__name__)
+logger = replica_logger(__name__)
 REST_FIELDS = {"lora_name": "name", "lora_path": "path"}  # vLLM's route's field -> /v1/adapters' field
 WEB_UI = (Path(__file__).resolve().parent.parent / "serve_app" / "web" / "index.html").read_text(encoding="utf-8")
 app = FastAPI(title="lorafleet", description="OpenAI-compatible API for LLMs and LoRA adapters")
@@ -68,7 +67,7 @@ class Ingress:
     then streams from that model's LLMServer and formats OpenAI responses."""
 
     async def __init__(self, config: AppConfig, renderer, servers: dict, registry):
-        write_warnings_at_once()
+        set_up_replica_logging()
         self.config = config
         self.renderer = renderer
         # Short prompts render here, with the Renderer deployment's own code: ~1 ms of work, against a
@@ -381,8 +380,16 @@ class Ingress:
         if flags := [flag for flag, on in (("force", force), ("pinned", pinned), ("preload", preload)) if on]:
             raise PermissionDeniedError(f"{', '.join(flags)}: only the admin key may set these.", param=flags[0])
         usable = [m for m in self.models if caller.may_use(m, self.models)]
+        if not usable:
+            raise PermissionDeniedError(
+                "this key may use no base model, so it has none to register adapters on; its models "
+                f"patterns are {list(caller.key.models)} (the admin sets them).",
+                param="base_model",
+            )
         if base_model is not None and base_model not in usable:
-            raise NotFoundError(f"base model '{base_model}' is not served.", param="base_model")
+            raise NotFoundError(
+                f"base model '{base_model}' is not one this key may use; it may use {usable}.", param="base_model"
+            )
         if base_model is None and len(usable) != 1:
             raise InvalidRequestError(f"say which base_model (one of {usable}).", param="base_model")
         return base_model or usable[0]
@@ -546,9 +553,11 @@ class Ingress:
                 "max_model_len": base.engine.max_model_len,
             }
 
+        # the rule of resolve(): an adapter is listed only where the caller may use it and its base
         cards = [card(name, name, None, m) for name, m in self.models.items()]
         for name, record in self.adapter_state.adapters.items():
-            cards.append(card(name, record.path, record.base_model, self.models[record.base_model]))
+            if caller.may_use(record.base_model, self.models):
+                cards.append(card(name, record.path, record.base_model, self.models[record.base_model]))
         return [c for c in cards if caller.may_use(c["id"], self.models)]
 
     # --- generation -------------------------------------------------------------------------

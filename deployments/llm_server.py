@@ -19,7 +19,7 @@ from lora_registry.remote_sources import AdapterCache
 from serve_app.config import ModelConfig
 from serve_app.engines import lora_slots, lora_targets
 from serve_app.messages import AdapterRef, Delta, FirstMessage, GenerationRequest, ServedBy
-from serve_app.platform import freeze_startup_heap, has_nvidia_gpu, write_warnings_at_once
+from serve_app.platform import freeze_startup_heap, has_nvidia_gpu, set_up_replica_logging
 
 logger = logging.getLogger("ray.serve")  # Serve's logger: lands in the replica's log file
 
@@ -38,7 +38,7 @@ class LLMServer:
     """
 
     async def __init__(self, model: ModelConfig, registry=None, engine_starter=None, adapter_cache: str | None = None):
-        write_warnings_at_once()
+        set_up_replica_logging()
         # max_loras / max_cpu_loras "auto" become numbers here, where the accelerator is known, and
         # lora_target_modules the registry's decision for this model
         registered, modules = await _registered_adapters(registry, model)

@@ -12,14 +12,14 @@ from pathlib import Path
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import InvalidRequestError, PromptTooLongError
 from serve_app.messages import AdapterRef, RenderedPrompt, RenderRequest
-from serve_app.platform import freeze_startup_heap, write_warnings_at_once
+from serve_app.platform import freeze_startup_heap, set_up_replica_logging
 
 
 class Renderer:
     """Holds the tokenizer and template of every served base model."""
 
     def __init__(self, models: list[ModelConfig]):
-        write_warnings_at_once()
+        set_up_replica_logging()
         self._models = {m.served_name: _ModelTemplate.load(m) for m in models}
         freeze_startup_heap()
 

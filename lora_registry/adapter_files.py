@@ -46,21 +46,68 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
         raise ConfigError(
             f"'{path}' has adapter_config.json but no weights ({' or '.join(WEIGHT_FILES)}).", param="lora_path"
         )
-    config = json.loads(config_file.read_text())
+    config = _read_config(config_file)
     if config.get("peft_type", "LORA") != "LORA":
         raise ConfigError(
             f"'{path}' is a {config.get('peft_type')} adapter; only LoRA adapters can be served.", param="lora_path"
         )
     _check_engine_can_load(path, config)
-    targets = config.get("target_modules") or []
-    targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
+    shapes = _safetensors_shapes(weights) if weights.suffix == ".safetensors" else {}
     return AdapterInfo(
         path=str(path.resolve()),
-        rank=int(config.get("r", 8)),
-        target_modules=targets,
+        rank=_rank(path, config, shapes),
+        target_modules=_targets(path, config),
         base_model_name_or_path=str(config.get("base_model_name_or_path") or ""),
-        shapes=_safetensors_shapes(weights) if weights.suffix == ".safetensors" else {},
+        shapes=shapes,
     )
+
+
+def _read_config(config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise ConfigError(f"'{config_file}' is not valid JSON ({e}).", param="lora_path") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"'{config_file}' is not a JSON object, so not a PEFT config.", param="lora_path")
+    return config
+
+
+def _rank(path: Path, config: dict, shapes: dict) -> int:
+    """The adapter's rank: its config's `r` (PEFT's default 8), which its weights must have; with a
+    rank_pattern (other ranks for some modules) the largest of the weights'."""
+    r = config.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(
+            f"'{path}': adapter_config.json has r = {r!r}; it must be a whole number above 0.", "lora_path"
+        )
+    found = {shape[0] if side == "A" else shape[1] for side, shape in _lora_shapes(shapes)}
+    if found and found != {r} and not config.get("rank_pattern"):
+        raise ConfigError(
+            f"'{path}': adapter_config.json has r = {r} but its weights have rank {sorted(found)}; "
+            "save the adapter again with save_pretrained.",
+            param="lora_path",
+        )
+    return max([r, *found])
+
+
+def _targets(path: Path, config: dict) -> tuple[str, ...]:
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets:  # (PEFT also takes a regular expression)
+        return (targets,)
+    if not targets or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ConfigError(
+            f"'{path}': adapter_config.json has target_modules = {targets!r}; it must name the modules the "
+            "adapter changes (PEFT writes them).",
+            param="lora_path",
+        )
+    return tuple(sorted(targets))
+
+
+def _lora_shapes(shapes: dict):
+    """(side "A" or "B", shape) of each LoRA weight with a 2-d shape."""
+    for name, shape in shapes.items():
+        if (match := _LORA_KEY.search(name)) and len(shape) == 2:
+            yield match[3], shape
 
 
 def _check_engine_can_load(path: Path, config: dict) -> None:
@@ -69,6 +116,17 @@ def _check_engine_can_load(path: Path, config: dict) -> None:
         raise ConfigError(
             f"'{path}' is a DoRA adapter (use_dora: true); vLLM serves plain LoRA only. Merge it instead.",
             param="lora_path",
+        )
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise ConfigError(
+            f"'{path}' trains biases too (bias: {config.get('bias')!r}, lora_bias: {config.get('lora_bias')!r}); "
+            "vLLM serves LoRA weights without biases. Merge the adapter into the model instead.",
+            param="lora_path",
+        )
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ConfigError(
+            f"'{path}': adapter_config.json has lora_alpha = {alpha!r}; it must be a number.", param="lora_path"
         )
     if config.get("modules_to_save"):
         raise ConfigError(
@@ -133,7 +191,21 @@ def _shape_mismatch(shapes: dict, config: dict) -> str | None:
 
 
 def _safetensors_shapes(path: Path) -> dict:
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    """Tensor name -> shape, from the header; a file cut short or not safetensors is refused here,
+    not by the engine at the adapter's first request."""
+    on_disk = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > on_disk - 8:
+                raise ValueError(f"its header says {size} bytes, the file has {on_disk}")
+            header = json.loads(f.read(size))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        if 8 + size + end > on_disk:
+            raise ValueError(f"it is cut short: {on_disk} bytes of {8 + size + end}")
+        return {k: list(v["shape"]) for k, v in tensors.items()}
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ConfigError(
+            f"'{path}' is not a readable safetensors file ({e}); save the adapter again.", param="lora_path"
+        ) from None

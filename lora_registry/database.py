@@ -11,7 +11,6 @@ drops is re-made with backoff; an unreachable server at start is a ConfigError n
 from __future__ import annotations
 
 import contextlib
-import logging
 import sqlite3
 import threading
 import time
@@ -20,8 +19,9 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from serve_app.errors import ConfigError, ServiceUnavailableError
+from serve_app.platform import replica_logger
 
-logger = logging.getLogger(__name__)
+logger = replica_logger(__name__)
 
 # Version i + 1 of the schema is MIGRATIONS[i] applied to version i. Never change a shipped step; add one.
 MIGRATIONS: list[list[str]] = [

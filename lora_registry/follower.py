@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 
 from lora_registry.adapter_store import RegistryState
+from serve_app.platform import replica_logger
 
-logger = logging.getLogger(__name__)
+logger = replica_logger(__name__)
 
 
 async def follow_registry(

@@ -24,7 +24,7 @@ from lora_registry.path_policy import PathPolicy
 from lora_registry.remote_sources import AdapterCache, is_url
 from serve_app.engines import lora_targets
 from serve_app.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
-from serve_app.platform import write_warnings_at_once
+from serve_app.platform import set_up_replica_logging
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,7 +63,7 @@ class LoraRegistry:
         startup: dict[str, StartupAdapter],
         database_url: str | None = None,
     ):
-        write_warnings_at_once()
+        set_up_replica_logging()
         state = Path(state_dir).expanduser()
         (state / "adapters").mkdir(parents=True, exist_ok=True)
         database = Database.for_state_dir(database_url, state)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import shutil
 import tempfile
@@ -23,8 +22,9 @@ import uuid
 from pathlib import Path, PurePosixPath
 
 from serve_app.errors import InvalidRequestError, LorafleetError, NotFoundError, PermissionDeniedError
+from serve_app.platform import replica_logger
 
-logger = logging.getLogger(__name__)
+logger = replica_logger(__name__)
 # What an adapter folder holds that an engine reads (its top-level files; nothing else is fetched)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 MAX_ADAPTER_BYTES = 8 * 2**30

@@ -99,6 +99,19 @@ class OverloadedError(LorafleetError):
     type = "overloaded_error"
 
 
+class AdapterLoadError(InvalidRequestError):
+    """The engine could not load a registered adapter's files (changed or broken since they were
+    checked). A 400, so that clients do not retry what cannot work; the message says what to do."""
+
+    def __init__(self, name: str, cause: BaseException):
+        super().__init__(
+            f"adapter '{name}' could not be loaded: {type(cause).__name__}: {cause}. Register working "
+            "files under this name (replace=true) or unload it.",
+            param="model",
+            code="adapter_load_failed",
+        )
+
+
 class ServiceUnavailableError(LorafleetError):
     """A dependency is down (the registry's database): try again shortly."""
 

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import glob
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -38,8 +39,15 @@ def apply_serve_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def write_warnings_at_once() -> None:
-    """In a replica: warnings and errors reach its log file when they happen.
+def replica_logger(module: str) -> logging.Logger:
+    """The logger of a module that runs in Serve replicas. Serve's handlers sit on "ray.serve", so a
+    child of it lands in the replica's log file; a plain module logger's warnings go only to the
+    worker's stderr file, without the replica's name, and its info lines nowhere."""
+    return logging.getLogger(f"ray.serve.{module}")
+
+
+def set_up_replica_logging() -> None:
+    """In a replica: warnings reach its log file when they happen, and refusals take one line.
 
     With RAY_SERVE_THROUGHPUT_OPTIMIZED (the shipped configs) Serve buffers a replica's log records,
     1,000 at a time, and writes them early only from ERROR up: a warning (an adapter not served, a
@@ -47,9 +55,28 @@ def write_warnings_at_once() -> None:
     so writing them at once costs nothing on the request path."""
     import logging.handlers
 
-    for handler in logging.getLogger("ray.serve").handlers:
+    serve_logger = logging.getLogger("ray.serve")
+    for handler in serve_logger.handlers:
         if isinstance(handler, logging.handlers.MemoryHandler):
             handler.flushLevel = min(handler.flushLevel, logging.WARNING)
+    if not any(isinstance(f, _BriefRefusals) for f in serve_logger.filters):
+        serve_logger.addFilter(_BriefRefusals())
+
+
+class _BriefRefusals(logging.Filter):
+    """Serve logs every exception a replica's method raises as "Request failed." with a traceback,
+    at ERROR. A refusal (a lorafleet error under 500: an unknown adapter, a name taken, a prompt too
+    long) is the method answering as meant, and its caller tells the user: one INFO line here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from serve_app.errors import LorafleetError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if record.msg == "Request failed." and isinstance(error, LorafleetError) and error.status < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "Request refused (%d %s): %s", (error.status, error.type, error.message)
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def freeze_startup_heap() -> None:

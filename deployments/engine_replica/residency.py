@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
@@ -39,9 +38,11 @@ from collections.abc import AsyncIterator
 from lora_registry.adapter_store import LOAD_BUCKETS_S, AdapterRecord, RegistryState, ReplicaResidency
 from lora_registry.follower import follow_registry
 from lora_registry.remote_sources import AdapterCache, AdapterSourceError, is_url
+from serve_app.errors import AdapterLoadError, LorafleetError
 from serve_app.messages import AdapterRef
+from serve_app.platform import replica_logger
 
-logger = logging.getLogger(__name__)
+logger = replica_logger(__name__)
 HEARTBEAT_S = 5.0
 PASSES_BEFORE_FIRST = 4  # x capacity: then an adapter waiting for a slot goes first
 
@@ -156,12 +157,15 @@ class AdapterResidency:
             if not evict and not self.has_free_slot(adapter_id) and self.in_use[adapter_id] <= 1:
                 return
             await self.take_slot(adapter_id)
-            started = time.perf_counter()
+            started, ref = time.perf_counter(), self.localized(self.refs[adapter_id])
             try:
-                await self.engine.add_adapter(self.localized(self.refs[adapter_id]))
+                await self.engine.add_adapter(ref)
                 self._count_load(time.perf_counter() - started)
-            except BaseException:
+            except BaseException as error:
                 self.held.pop(adapter_id, None)  # (unless the registry dropped it meanwhile; the finally wakes waiters)
+                if isinstance(error, Exception) and not isinstance(error, LorafleetError):
+                    logger.warning("the engine could not load adapter '%s': %r", ref.name, error)
+                    raise AdapterLoadError(ref.name, error) from None
                 raise
             # not awaited: the report asks the engine and the registry (~3 ms on the CPU), which the
             # request waiting for this load need not wait for

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.errors import InvalidRequestError, LorafleetError, NotFoundError, OverloadedError
+from serve_app.platform import replica_logger
 
-logger = logging.getLogger(__name__)
+logger = replica_logger(__name__)
 
 
 def install_error_handlers(app: FastAPI) -> None:

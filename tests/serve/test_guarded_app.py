@@ -182,6 +182,23 @@ def test_tenant_keys_see_and_use_only_their_own_and_are_limited(guarded_app):
         initech_client.chat.completions.create(model="guarded", **long)
     assert over.value.body["type"] == "tokens" and int(over.value.response.headers["Retry-After"]) >= 10
 
+    # models patterns: an adapter is listed and used only together with its base; list and use agree
+    narrow = new_key("narrow", models=["xiao-huang"], can_register=True)  # the adapter, not its base
+    seen, narrow_client = models(narrow)
+    assert seen == []
+    with pytest.raises(openai.NotFoundError):
+        narrow_client.chat.completions.create(model="xiao-huang", **ask)
+    nowhere = httpx.post(
+        f"{guarded_app}/v1/adapters",
+        json={"name": "narrow:x", "path": str(own)},
+        headers={"Authorization": f"Bearer {narrow}"},
+    )
+    assert nowhere.status_code == 403 and "no base model" in nowhere.json()["error"]["message"], nowhere.text
+    seen, wide_client = models(new_key("wide", models=["guarded", "xiao-huang"]))
+    assert seen == ["guarded", "xiao-huang"]
+    wide_answer = wide_client.chat.completions.create(model="xiao-huang", **ask).choices[0].message.content
+    assert wide_answer == same_weights.choices[0].message.content
+
     deleted = as_acme.delete("/v1/adapters/xiao-huang")  # not its own: as if it did not exist
     assert deleted.status_code == 404
     assert as_acme.get("/v1/adapters").status_code == 403

@@ -2,8 +2,10 @@
 adapters each, adapters made with peft (and one from an S3-compatible server). The engine runs in
 float32 so random adapters (near-ties in bf16) still have an exact transformers + peft oracle."""
 
+import json
 import os
 import random
+import shutil
 import time
 from concurrent import futures
 from pathlib import Path
@@ -259,6 +261,44 @@ def test_registration_errors(lora_app, adapters, body, status, match, param):
     response = httpx.post(f"{URL}/v1/adapters", json=rest, timeout=30)
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == REST_FIELDS[param], response.text
+
+
+def test_refusals_leave_no_traceback_in_the_registry_log(lora_app):
+    """Serve logs whatever a replica's method raises as an ERROR with its traceback. The registry's
+    refusals (409 a name taken, 403 a path outside the roots, 404 an unknown adapter) are the API
+    working as meant: the user gets the message, the log no traceback (an ERROR would be written at
+    once, so its absence is not the log's buffering)."""
+    assert load("xiao-huang", XIAO_HUANG_DIR).status_code == 409
+    assert load("elsewhere", "/etc").status_code == 403
+    assert httpx.post(f"{URL}/v1/unload_lora_adapter", json={"lora_name": "nope"}).status_code == 404
+    logs = list(
+        (Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve").glob("replica_lora_LoraRegistry_*")
+    )
+    assert logs
+    text = "".join(log.read_text(errors="replace") for log in logs)
+    assert "Traceback" not in text and "ConflictError" not in text and "NotFoundError" not in text
+
+
+def test_files_the_engine_cannot_load_get_a_400_that_says_why(lora_app, adapters):
+    """Files that pass the registry's checks but not the engine's (a PiSSA init, which vLLM refuses
+    when it loads the adapter): each request gets a 400 with vLLM's reason, streaming or not; no
+    anonymous 500, and the openai client does not retry it."""
+    folder = shutil.copytree(adapters[1]["ad-0"], adapters[0] / "pissa")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    assert load("pissa", folder).status_code == 200
+    client = openai.OpenAI(base_url=f"{URL}/v1", api_key="x", max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            answer = client.chat.completions.create(
+                model="pissa", messages=[{"role": "user", "content": QUERY}], max_tokens=4, stream=stream
+            )
+            if stream:
+                list(answer)
+        assert refused.value.code == "adapter_load_failed", refused.value
+        assert "'pissa' could not be loaded" in refused.value.message and "init_lora_weights" in refused.value.message
+    assert ask("xiao-huang")  # the replicas serve on
+    assert httpx.post(f"{URL}/v1/unload_lora_adapter", json={"lora_name": "pissa"}).status_code == 200
 
 
 def test_rank_and_base_model_checks(lora_app, adapters):

@@ -121,6 +121,49 @@ def test_missing_peft_files(tmp_path, adapters):
         run(registry(tmp_path, adapters).register("x", str(empty)))
 
 
+def _config(**changes):
+    def change(folder):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config.update(changes)
+        (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+    return change
+
+
+def _write(name: str, data: bytes):
+    return lambda folder: (folder / name).write_bytes(data)
+
+
+def _cut_weights(folder):
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (_write("adapter_config.json", b"{not json"), "is not valid JSON"),
+        (_write("adapter_config.json", b"[]"), "not a JSON object"),
+        (_config(r="8"), "r = '8'"),
+        (_config(r=8), r"r = 8 but its weights have rank \[4\]"),
+        (_config(target_modules=None), "target_modules = None"),
+        (_config(lora_alpha="16"), "lora_alpha = '16'"),
+        (_config(bias="all"), "trains biases"),
+        (_cut_weights, "cut short"),
+        (_write("adapter_model.safetensors", b"\x01\x02"), "not a readable safetensors file"),
+    ],
+)
+def test_broken_adapter_files_are_refused_at_registration(tmp_path, adapters, damage, match):
+    """What the engine would fail on at every request is refused, by name, when registered."""
+    import shutil
+
+    broken = shutil.copytree(adapters["a"], adapters["root"] / f"broken-{tmp_path.name}")
+    damage(broken)
+    with pytest.raises(ConfigError, match=match) as refused:
+        run(registry(tmp_path, adapters).register("broken", str(broken)))
+    assert refused.value.param == "lora_path"
+
+
 def test_unregister_unknown_is_404(tmp_path, adapters):
     with pytest.raises(NotFoundError):
         run(registry(tmp_path, adapters).unregister("nope"))
