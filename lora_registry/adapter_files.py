@@ -142,7 +142,7 @@ def check_adapter_fits(info: AdapterInfo, base_config: dict, max_lora_rank: int,
         raise ConfigError(
             f"adapter '{info.path}' has rank {info.rank} but the engine allows max_lora_rank={max_lora_rank}; "
             f"start the engine with max_lora_rank >= {info.rank}.",
-            param="max_lora_rank",
+            param="lora_path",
         )
     if force:
         return

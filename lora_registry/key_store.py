@@ -48,7 +48,7 @@ class KeySpec:
             raise InvalidRequestError(
                 f"tenant '{tenant}' is not valid: letters, digits and . _ - (up to 64; no ':'), "
                 "or give the key a name of that form.",
-                param="tenant",
+                param="name" if self.tenant is None else "tenant",
             )
         for limit in ("requests_per_minute", "tokens_per_minute"):
             value = getattr(self, limit)

@@ -24,11 +24,24 @@ class PathPolicy:
         """The real path of `path` (or the normalized URL) if it may be read; PermissionDeniedError
         names the roots otherwise. For a tenant the roots are each root's `<tenant>` folder."""
         if not path or "\x00" in path:
-            raise InvalidRequestError("lora_path must be a non-empty path.", param="lora_path")
+            raise InvalidRequestError("lora_path must be a non-empty path without NUL characters.", param="lora_path")
+        if path.startswith("file:"):
+            raise InvalidRequestError(
+                f"adapter path '{path}' is a file: URL; give the folder as a plain absolute path.", param="lora_path"
+            )
         if tenant is not None:
-            return PathPolicy(
-                [str(Path(r) / tenant) for r in self.roots] + [f"{u}/{tenant}" for u in self.url_roots]
-            ).check(path)
+            own = PathPolicy([str(Path(r) / tenant) for r in self.roots] + [f"{u}/{tenant}" for u in self.url_roots])
+            try:
+                return own.check(path)
+            except PermissionDeniedError as e:  # (the roots flag is the operator's, not the tenant's, to change)
+                if e.code != "path_not_allowed":
+                    raise
+                folders = [str(r) for r in own.roots] + own.url_roots
+                raise PermissionDeniedError(
+                    f"adapter path '{path}' is not inside this tenant's folders {folders}; put the adapter there.",
+                    param="lora_path",
+                    code=e.code,
+                ) from None
         if is_url(path):
             url = normalized_url(path)
             if not url_allowed(url, self.url_roots):

@@ -183,11 +183,12 @@ class LoraRegistry:
         base_model: str | None = None,
         replace: bool = False,
         force: bool = False,
-        pinned: bool = False,
-        preload: bool = False,
+        pinned: bool | None = None,
+        preload: bool | None = None,
         tenant: str | None = None,
     ) -> AdapterRecord:
-        """`tenant`: registered with a tenant key, so only from `<root>/<tenant>/` of an allowed root."""
+        """`tenant`: registered with a tenant key, so only from `<root>/<tenant>/` of an allowed root.
+        `pinned`, `preload`: None keeps a replaced adapter's flags (off for a new one)."""
         self._check_name(name, replace)  # early: nothing is read for a name that is taken
         # The files are read (and an object store's downloaded) in a worker thread, before the lock:
         # the followers' long-polls are answered meanwhile, and a slow download holds up no other
@@ -209,7 +210,9 @@ class LoraRegistry:
 
     def _unregister(self, name: str) -> AdapterRecord:
         if name not in self.records:
-            raise NotFoundError(f"adapter '{name}' is not registered; GET /v1/adapters lists them.", param="lora_name")
+            raise NotFoundError(
+                f"adapter '{name}' is not registered; GET /v1/models lists the adapters you may use.", param="lora_name"
+            )
         self.store.delete(name)
         record = self.records.pop(name)
         self._notify()
@@ -222,7 +225,9 @@ class LoraRegistry:
 
     def _set_flags(self, name: str, pinned: bool | None, preload: bool | None) -> AdapterRecord:
         if name not in self.records:
-            raise NotFoundError(f"adapter '{name}' is not registered; GET /v1/adapters lists them.", param="name")
+            raise NotFoundError(
+                f"adapter '{name}' is not registered; GET /v1/models lists the adapters you may use.", param="name"
+            )
         current = self.records[name]
         flags = {"pinned": current.pinned if pinned is None else pinned}
         flags["preload"] = current.preload if preload is None else preload
@@ -279,10 +284,15 @@ class LoraRegistry:
         base_model: str | None,
         replace: bool,
         force: bool,
-        pinned: bool,
-        preload: bool,
+        pinned: bool | None,
+        preload: bool | None,
     ) -> AdapterRecord:
         self._check_name(name, replace)
+        # new weights under a name keep its residency flags unless the registration says otherwise
+        # (a tenant, who may not set them, does not clear the admin's)
+        current = self.records.get(name)
+        pinned = (current.pinned if current else False) if pinned is None else pinned
+        preload = (current.preload if current else False) if preload is None else preload
         base = self._pick_base(base_model, info)
         if base.supported_modules is not None and (bad := set(info.target_modules) - base.supported_modules):
             raise ConfigError(

@@ -69,13 +69,13 @@ def default_result_path(dataset: str) -> str:
     return str(Path(dataset).with_name(f"{Path(dataset).stem}-result-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
 
 
-def run_batch(session, dataset: str, result_path: str | None) -> str:
-    """Answer all records in batches through the session's engine, with a progress bar."""
+def run_batch(session, dataset: str, records: list[dict], result_path: str | None) -> str:
+    """Answer `records` (read_records(dataset), read before the engine starts: a bad line is told
+    at once) in batches through the session's engine, with a progress bar."""
     from tqdm import tqdm
 
     from serve_app.offline import inference_vllm
 
-    records = read_records(dataset)
     out_path = result_path or default_result_path(dataset)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "w", encoding="utf-8") as out, tqdm(total=len(records), desc="infer", unit="rec") as bar:

@@ -99,13 +99,14 @@ def engine_options_from_args(args: argparse.Namespace, choice: ModelChoice):
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
-    from serve_app.batch_infer import dataset_from_ckpt, run_batch
+    from serve_app.batch_infer import dataset_from_ckpt, read_records, run_batch
     from serve_app.chat_session import build_chat_session
 
     dataset = args.dataset or (dataset_from_ckpt(args.ckpt_dir) if args.load_dataset_config else None)
+    records = read_records(dataset) if dataset else None  # before the engine starts
     session = build_chat_session(args, resolve_model_choice(args))
     if dataset:
-        run_batch(session, dataset, args.result_path)
+        run_batch(session, dataset, records, args.result_path)
     else:
         session.repl().run()
 
@@ -171,6 +172,8 @@ def cmd_export(args: argparse.Namespace) -> None:
             "lorafleet: export needs --ckpt_dir (a PEFT adapter folder, or a Qwen(1) checkpoint with --to_qwen2), "
             "or --quant_bits with --model_type."
         )
+    if not Path(args.ckpt_dir).is_dir():
+        raise SystemExit(f"lorafleet: --ckpt_dir '{args.ckpt_dir}' is not a folder (does it exist?).")
     if args.to_qwen2:
         from serve_app.qwen1_convert import convert
 

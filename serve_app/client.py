@@ -59,8 +59,9 @@ def _client(host: str, port: int, api_key: str | None, is_async: bool = False):
     return cls(base_url=_base_url(host, port), api_key=api_key or "EMPTY")
 
 
-def get_model_list_client(host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **_: Any):
+def get_model_list_client(host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **unsupported: Any):
     """The served models and adapters (`.data[i].id`)."""
+    _refuse(unsupported)
     return _client(host, port, api_key).models.list()
 
 
@@ -75,9 +76,10 @@ def inference_client(
     port: int = 8000,
     api_key: str | None = None,
     is_chat_request: bool | None = None,
-    **_: Any,
+    **unsupported: Any,
 ):
     """One request; a ChatCompletion/Completion, or an iterator of chunks when streaming."""
+    _refuse(unsupported)
     client = _client(host, port, api_key)
     if is_chat_request is None:
         is_chat_request = _is_chat(client.models.retrieve(model_type))
@@ -96,14 +98,22 @@ async def inference_client_async(
     port: int = 8000,
     api_key: str | None = None,
     is_chat_request: bool | None = None,
-    **_: Any,
+    **unsupported: Any,
 ):
     """`inference_client` for asyncio; a stream is an async iterator of chunks."""
+    _refuse(unsupported)
     client = _client(host, port, api_key, is_async=True)
     if is_chat_request is None:
         is_chat_request = _is_chat(await client.models.retrieve(model_type))
     create, kwargs = _request(client, model_type, query, history, system, request_config, is_chat_request)
     return await create(**kwargs)
+
+
+def _refuse(unsupported: dict) -> None:
+    """ms-swift's other arguments (images, a misspelt port) are refused by name, not dropped; one
+    given as None (code written for ms-swift's signature) means "not used" and passes."""
+    if given := sorted(k for k, v in unsupported.items() if v is not None):
+        raise TypeError(f"lorafleet's client helpers take no argument named {', '.join(given)}.")
 
 
 def _request(client, model_type, query, history, system, config: XRequestConfig | None, chat: bool):

@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GenerationConfig:
-    """Per-engine defaults, set like `transformers.GenerationConfig` attributes."""
+    """Per-engine defaults, set like `transformers.GenerationConfig` attributes (a name it does not
+    have is an AttributeError, not a setting that silently does nothing)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -53,6 +54,13 @@ class GenerationConfig:
     stop_words: list[str] = field(default_factory=list)
     seed: int | None = None
     do_sample: bool | None = None
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self.__dataclass_fields__:
+            raise AttributeError(
+                f"GenerationConfig has no setting '{name}'; it has {', '.join(self.__dataclass_fields__)}."
+            )
+        super().__setattr__(name, value)
 
     def to_options(self, template: Template, max_tokens: int) -> SamplingOptions:
         greedy = self.do_sample is False or self.temperature <= 0
@@ -281,7 +289,8 @@ def _jobs(engine: OfflineEngine, template: Template, request_list, generation_co
     config = generation_config or engine.generation_config
     adapter = engine.adapter_ref(lora_request)
     jobs = []
-    for item in request_list:
+    for k, item in enumerate(request_list):
+        _check_request(k, item)
         history = [list(turn) for turn in item.get("history") or []]
         ids, used = template.encode(item["query"], history, item.get("system"), max_length=engine.max_model_len - 1)
         if len(used) < len(history):
@@ -290,6 +299,23 @@ def _jobs(engine: OfflineEngine, template: Template, request_list, generation_co
         request = GenerationRequest(f"offline-{uuid.uuid4().hex}", tuple(ids), options, adapter)
         jobs.append(_Job(item["query"], history, request))
     return jobs
+
+
+def _check_request(k: int, item) -> None:
+    """ms-swift's request: {"query": str, "history"?: [[query, response], ...], "system"?: str}; a
+    wrong one is named here, not met later as a KeyError or a prompt of the wrong type."""
+    if not isinstance(item, dict) or not isinstance(item.get("query"), str):
+        got = sorted(item) if isinstance(item, dict) else type(item).__name__
+        raise ValueError(f"request_list[{k}] needs a 'query' string (got {got}).")
+    if unknown := sorted(set(item) - {"query", "history", "system"}):
+        raise ValueError(f"request_list[{k}] has keys {unknown}; a request takes query, history and system.")
+    history = item.get("history") or []
+    if not isinstance(history, (list, tuple)) or not all(
+        isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history
+    ):
+        raise ValueError(f"request_list[{k}]['history'] must be a list of [query, response] string pairs.")
+    if item.get("system") is not None and not isinstance(item["system"], str):
+        raise ValueError(f"request_list[{k}]['system'] must be a string.")
 
 
 async def _drive(engine, job: _Job, on_update) -> None:

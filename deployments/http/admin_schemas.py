@@ -15,8 +15,10 @@ class LoadLoraRequest(BaseModel):
     base_model: str | None = Field(None, description="needed only when several base models are served")
     replace: bool = Field(False, description="swap the weights of an existing name (new id)")
     force: bool = Field(False, description="skip the base-model shape check")
-    pinned: bool = Field(False, description="never evicted from an engine replica once loaded")
-    preload: bool = Field(False, description="loaded on every engine replica now, so its first request does no load")
+    pinned: bool | None = Field(None, description="never evicted from an engine replica once loaded (replace: kept)")
+    preload: bool | None = Field(
+        None, description="loaded on every engine replica now, so its first request does no load (replace: kept)"
+    )
 
 
 class UnloadLoraRequest(BaseModel):
@@ -35,8 +37,10 @@ class AdapterCreate(BaseModel):
     base_model: str | None = None
     replace: bool = False
     force: bool = False
-    pinned: bool = Field(False, description="never evicted from an engine replica once loaded")
-    preload: bool = Field(False, description="loaded on every engine replica now, so its first request does no load")
+    pinned: bool | None = Field(None, description="never evicted from an engine replica once loaded (replace: kept)")
+    preload: bool | None = Field(
+        None, description="loaded on every engine replica now, so its first request does no load (replace: kept)"
+    )
 
 
 class AdapterUpdate(BaseModel):

@@ -86,6 +86,11 @@ class JsonSchemaFormat(Strict):
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
+    @field_validator("schema_")
+    @classmethod
+    def _a_json_schema(cls, schema: dict) -> dict:
+        return checked_schema(schema)
+
 
 class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
@@ -107,6 +112,16 @@ class StructuredOutputs(Strict):
     grammar: str | None = None
     json_object: bool | None = None
     structural_tag: dict | str | None = None
+
+    @field_validator("json_")
+    @classmethod
+    def _a_json_schema(cls, schema: dict | str | None):
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise ValueError(f"not JSON: {e}") from None
+        return checked_schema(schema) if isinstance(schema, dict) else schema
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -319,11 +334,16 @@ class FunctionDefinition(Strict):
     @field_validator("parameters")
     @classmethod
     def _a_json_schema(cls, schema: dict) -> dict:
-        """Checked here against JSON Schema's meta-schema: the engine's grammar compiler would
-        refuse a bad one later with a message about its own grammar, naming no field."""
-        if problem := _schema_problem(json.dumps(schema, sort_keys=True)):
-            raise ValueError(f"not a valid JSON Schema: {problem}")
-        return schema
+        return checked_schema(schema)
+
+
+def checked_schema(schema: dict) -> dict:
+    """A schema checked against JSON Schema's meta-schema (tools' parameters, response_format's and
+    structured_outputs' schemas): the engine's grammar compiler would refuse a bad one later with a
+    message about its own grammar, naming no field."""
+    if problem := _schema_problem(json.dumps(schema, sort_keys=True)):
+        raise ValueError(f"not a valid JSON Schema: {problem}")
+    return schema
 
 
 @functools.lru_cache(maxsize=1024)  # agents send the same tools with every turn; a check takes ms

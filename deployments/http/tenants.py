@@ -94,8 +94,9 @@ class Gate:
             return caller
         if caller is not None and caller is not OPEN:
             what = "this key may not register adapters; " if tenants_may_register and caller.key else ""
+            given = "a tenant key" if caller.key is not None else "the api_key"
             raise PermissionDeniedError(
-                f"{what}admin routes need the admin_api_key, not the api_key.", code="admin_key_required"
+                f"{what}admin routes need the admin_api_key, not {given}.", code="admin_key_required"
             )
         if keys_on and self.admin_api_key is None:
             raise AuthenticationError(

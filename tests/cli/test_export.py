@@ -70,3 +70,5 @@ def test_to_peft_format_checks_and_copies(tmp_path):
     assert done.returncode == 0 and (tmp_path / "copy" / "adapter_config.json").exists()
     bad = lorafleet("export", "--ckpt_dir", str(TINY_CHAT_DIR), "--to_peft_format", "true")
     assert bad.returncode == 2 and "adapter_config.json is missing" in bad.stderr
+    gone = lorafleet("export", "--ckpt_dir", str(tmp_path / "nowhere"), "--merge_lora", "true")
+    assert gone.returncode != 0 and "is not a folder (does it exist?)" in gone.stderr, gone.stderr

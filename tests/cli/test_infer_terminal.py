@@ -82,3 +82,13 @@ def test_batch_mode_writes_results(tmp_path):
     assert "杭州" in results[0]["response"] and results[0]["label"] == "杭州"
     assert "西湖醋鱼" in results[1]["response"]
     assert "2/2" in done.stderr  # the progress bar
+
+
+def test_a_bad_dataset_line_is_told_before_the_engine_starts(tmp_path):
+    dataset = tmp_path / "questions.jsonl"
+    dataset.write_text('{"query": "hi"}\n{"question": "no query"}\n')
+    term = spawn("--dataset", str(dataset))  # the vLLM backend: it would log its start first
+    term.expect(pexpect.EOF)
+    term.close()
+    assert term.exitstatus == 2 and ":2: each record needs a string 'query'" in term.before
+    assert "vllm" not in term.before.lower()  # no engine was started for a file that cannot run

@@ -52,3 +52,23 @@ def test_unknown_engine_options_are_refused_by_name_before_any_engine_starts():
     with pytest.raises(ValueError, match="max_loras") as refused:
         get_vllm_engine("tiny-chat", engine_kwargs=None, max_loras=0)
     assert "engine_kwargs" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        ({"question": "hi"}, r"request_list\[0\] needs a 'query' string \(got \['question'\]\)"),
+        ({"query": 5}, "needs a 'query' string"),
+        ({"query": "hi", "images": ["cat.png"]}, r"has keys \['images'\]"),
+        ({"query": "hi", "history": [["only a question"]]}, "string pairs"),
+    ],
+)
+def test_a_request_of_the_wrong_shape_is_named(vllm_engine, item, match):
+    template = get_template("qwen", vllm_engine.hf_tokenizer)
+    with pytest.raises(ValueError, match=match):
+        inference_vllm(vllm_engine, template, [item])
+
+
+def test_a_generation_setting_that_does_not_exist_is_refused(vllm_engine):
+    with pytest.raises(AttributeError, match="no setting 'max_new_token'; it has max_new_tokens"):
+        vllm_engine.generation_config.max_new_token = 5

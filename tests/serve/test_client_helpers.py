@@ -4,6 +4,7 @@ import asyncio
 import json
 import subprocess
 
+import openai
 import pytest
 
 from serve_app import XRequestConfig, get_model_list_client, inference_client, inference_client_async
@@ -57,3 +58,14 @@ def test_curl(main_app):
         check=True,
     ).stdout
     assert "你好" in json.loads(out)["choices"][0]["message"]["content"]
+
+
+def test_arguments_the_helpers_do_not_take_are_refused_by_name():
+    """ms-swift's `images`, or a misspelt `port`, is a TypeError naming it, before any request
+    (it used to be dropped: the image ignored, the request sent to port 8000); None passes."""
+    with pytest.raises(TypeError, match="images"):
+        inference_client("tiny-chat", "describe it", images=["cat.png"], port=1)
+    with pytest.raises(TypeError, match="prot"):
+        get_model_list_client(prot=8600)
+    with pytest.raises(openai.APIConnectionError):  # None is "not used": the call goes on (nothing listens on port 1)
+        inference_client("tiny-chat", "hi", images=None, port=1, is_chat_request=True)

@@ -256,6 +256,10 @@ BOGUS_TOOL = {"type": "function", "function": {"name": "x", "parameters": {"type
          "not a valid JSON Schema: 'bogus'"),
         ("chat/completions", {"tools": [{"type": "function", "function": {"name": "x", "parameters": {"$schema": 5}}}]},
          "tools.0.function.parameters", "`$schema` must be a string"),
+        ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
+         "response_format.json_schema.schema", "not a valid JSON Schema: 'nonsense'"),
+        ("completions", {"structured_outputs": {"json": {"type": "nonsense"}}}, "structured_outputs.json",
+         "not a valid JSON Schema"),
         ("chat/completions", {"n": 2}, "n", "this model's default is greedy"),  # tiny-chat's default
         ("completions", {"n": 2, "temperature": 0}, "n", "temperature is 0"),
     ],

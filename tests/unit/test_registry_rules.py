@@ -87,6 +87,18 @@ def test_replace_gets_a_new_id_and_version(tmp_path, adapters):
     assert third.adapter_id > second.adapter_id  # ids are never reused
 
 
+def test_replace_keeps_the_residency_flags_it_does_not_set(tmp_path, adapters):
+    """New weights under a name keep its pinned/preload unless the registration sets them: a tenant
+    (who may not set them) replacing its adapter does not clear what the admin set."""
+    reg = registry(tmp_path, adapters)
+    run(reg.register("a", str(adapters["a"]), pinned=True, preload=True))
+    kept = run(reg.register("a", str(adapters["b"]), replace=True))
+    assert (kept.pinned, kept.preload, kept.version) == (True, True, 2)
+    cleared = run(reg.register("a", str(adapters["a"]), replace=True, pinned=False))
+    assert (cleared.pinned, cleared.preload) == (False, True)
+    assert (run(reg.register("b", str(adapters["b"]))).pinned, reg.records["b"].preload) == (False, False)
+
+
 def test_startup_adapters_keep_their_id_across_restarts(tmp_path, adapters):
     startup = {"xiao-huang": StartupAdapter("tiny-chat", str(XIAO_HUANG_DIR))}
     first = run(registry(tmp_path, adapters, **startup).state()).adapters["xiao-huang"]
@@ -264,7 +276,7 @@ def test_tenant_keys_are_stored_hashed_revoked_and_survive_a_restart(tmp_path, a
     [
         (KeySpec("bad name"), "name"),
         (KeySpec("acme", tenant="a:b"), "tenant"),  # ':' separates a tenant from its adapters' names
-        (KeySpec("a:b"), "tenant"),
+        (KeySpec("a:b"), "name"),  # (its tenant is its name)
         (KeySpec("acme", requests_per_minute=0), "requests_per_minute"),
     ],
 )
