@@ -364,7 +364,7 @@ class Ingress:
         return await self.read_body(request, schema, check_key=False)
 
     def _check_registrant(
-        self, caller: Caller, name: str, base_model: str | None, force: bool, pinned: bool, preload: bool
+        self, caller: Caller, name: str, base_model: str | None, force: bool, pinned: bool | None, preload: bool | None
     ) -> str | None:
         """The base model to register on. A tenant key registers adapters under its tenant's prefix
         (from its tenant's folder: the registry checks that), on base models it may use, without
@@ -377,7 +377,9 @@ class Ingress:
                 param="lora_name",
                 code="adapter_prefix_required",
             )
-        if flags := [flag for flag, on in (("force", force), ("pinned", pinned), ("preload", preload)) if on]:
+        # pinned/preload given at all (false too: on a replace it would clear the admin's)
+        given = (("force", force), ("pinned", pinned is not None), ("preload", preload is not None))
+        if flags := [flag for flag, on in given if on]:
             raise PermissionDeniedError(f"{', '.join(flags)}: only the admin key may set these.", param=flags[0])
         usable = [m for m in self.models if caller.may_use(m, self.models)]
         if not usable:

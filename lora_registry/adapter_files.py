@@ -31,8 +31,9 @@ def is_peft_adapter(path: str | Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-def inspect_adapter(path: str | Path) -> AdapterInfo:
-    """Metadata of the PEFT adapter at `path`; ConfigError names what is missing."""
+def inspect_adapter(path: str | Path, for_vllm: bool = True) -> AdapterInfo:
+    """Metadata of the PEFT adapter at `path`; ConfigError names what is missing. `for_vllm`: also
+    refuse the LoRA variants vLLM cannot serve (not for a merge, which PEFT does whole)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ConfigError(
@@ -51,7 +52,8 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
         raise ConfigError(
             f"'{path}' is a {config.get('peft_type')} adapter; only LoRA adapters can be served.", param="lora_path"
         )
-    _check_engine_can_load(path, config)
+    if for_vllm:
+        _check_engine_can_load(path, config)
     shapes = _safetensors_shapes(weights) if weights.suffix == ".safetensors" else {}
     return AdapterInfo(
         path=str(path.resolve()),
@@ -73,27 +75,33 @@ def _read_config(config_file: Path) -> dict:
 
 
 def _rank(path: Path, config: dict, shapes: dict) -> int:
-    """The adapter's rank: its config's `r` (PEFT's default 8), which its weights must have; with a
-    rank_pattern (other ranks for some modules) the largest of the weights'."""
+    """The adapter's largest rank, as vLLM takes it: `r` (PEFT's default 8) and any rank_pattern's.
+    Without a rank_pattern the weights must have rank `r` (a config edited apart from its weights)."""
     r = config.get("r", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    pattern = config.get("rank_pattern") or {}
+    ranks = [r, *pattern.values()] if isinstance(pattern, dict) else [r, pattern]
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in ranks):
         raise ConfigError(
-            f"'{path}': adapter_config.json has r = {r!r}; it must be a whole number above 0.", "lora_path"
+            f"'{path}': adapter_config.json has r = {r!r}, rank_pattern = {pattern!r}; ranks must be whole numbers "
+            "above 0.",
+            param="lora_path",
         )
     found = {shape[0] if side == "A" else shape[1] for side, shape in _lora_shapes(shapes)}
-    if found and found != {r} and not config.get("rank_pattern"):
+    if found and found != {r} and not pattern:
         raise ConfigError(
             f"'{path}': adapter_config.json has r = {r} but its weights have rank {sorted(found)}; "
             "save the adapter again with save_pretrained.",
             param="lora_path",
         )
-    return max([r, *found])
+    return max(ranks)
 
 
 def _targets(path: Path, config: dict) -> tuple[str, ...]:
     targets = config.get("target_modules")
     if isinstance(targets, str) and targets:  # (PEFT also takes a regular expression)
         return (targets,)
+    if not targets and config.get("target_parameters"):  # LoRA on parameters (MoE experts) only
+        return ()
     if not targets or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise ConfigError(
             f"'{path}': adapter_config.json has target_modules = {targets!r}; it must name the modules the "
@@ -104,9 +112,10 @@ def _targets(path: Path, config: dict) -> tuple[str, ...]:
 
 
 def _lora_shapes(shapes: dict):
-    """(side "A" or "B", shape) of each LoRA weight with a 2-d shape."""
+    """(side "A" or "B", shape) of each LoRA weight of a linear module (2-d; not LoRA on a parameter,
+    such as MoE experts' `experts.base_layer`, whose A rows are rank x experts)."""
     for name, shape in shapes.items():
-        if (match := _LORA_KEY.search(name)) and len(shape) == 2:
+        if (match := _LORA_KEY.search(name)) and len(shape) == 2 and ".base_layer." not in name:
             yield match[3], shape
 
 
@@ -197,7 +206,7 @@ def _safetensors_shapes(path: Path) -> dict:
     try:
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
-            if size > on_disk - 8:
+            if size > min(on_disk - 8, 100 * 2**20):  # (the safetensors library's own header limit)
                 raise ValueError(f"its header says {size} bytes, the file has {on_disk}")
             header = json.loads(f.read(size))
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}

@@ -24,7 +24,7 @@ class PathPolicy:
         """The real path of `path` (or the normalized URL) if it may be read; PermissionDeniedError
         names the roots otherwise. For a tenant the roots are each root's `<tenant>` folder."""
         if not path or "\x00" in path:
-            raise InvalidRequestError("lora_path must be a non-empty path without NUL characters.", param="lora_path")
+            raise InvalidRequestError("the adapter path must be non-empty, without NUL characters.", param="lora_path")
         if path.startswith("file:"):
             raise InvalidRequestError(
                 f"adapter path '{path}' is a file: URL; give the folder as a plain absolute path.", param="lora_path"

@@ -15,6 +15,27 @@ from serve_app.errors import ConfigError
 BATCH = 16
 
 
+def check_request(where: str, item) -> None:
+    """ms-swift's request: {"query": str, "history"?: [[query, response], ...], "system"?: str} (a
+    dataset's `response`, the label, may ride along; a key given as None is not given). A wrong one
+    is named here by `where`, not met later as a KeyError or a prompt of the wrong type."""
+    if not isinstance(item, dict) or not isinstance(item.get("query"), str):
+        got = sorted(item) if isinstance(item, dict) else type(item).__name__
+        raise ValueError(f"{where} needs a 'query' string (got {got}).")
+    if unknown := sorted(k for k, v in item.items() if v is not None and k not in REQUEST_KEYS):
+        raise ValueError(f"{where} has keys {unknown}; a request takes query, history and system.")
+    history = item.get("history") or []
+    if not isinstance(history, (list, tuple)) or not all(
+        isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history
+    ):
+        raise ValueError(f"{where}: 'history' must be a list of [query, response] string pairs.")
+    if item.get("system") is not None and not isinstance(item["system"], str):
+        raise ValueError(f"{where}: 'system' must be a string.")
+
+
+REQUEST_KEYS = {"query", "history", "system", "response"}
+
+
 def read_records(path: str) -> list[dict]:
     if not Path(path).is_file():
         raise ConfigError(f"dataset '{path}' does not exist; give a JSONL file of {{query, response?}} records.")
@@ -28,6 +49,10 @@ def read_records(path: str) -> list[dict]:
             raise ConfigError(f"{path}:{number}: not a JSON object ({e.msg}).") from None
         if not isinstance(record, dict) or not isinstance(record.get("query"), str):
             raise ConfigError(f"{path}:{number}: each record needs a string 'query'.")
+        try:
+            check_request(f"{path}:{number}", record)  # the rest of the request, before any engine starts
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         records.append(record)
     if not records:
         raise ConfigError(f"{path} holds no records.")

@@ -111,8 +111,8 @@ async def inference_client_async(
 
 def _refuse(unsupported: dict) -> None:
     """ms-swift's other arguments (images, a misspelt port) are refused by name, not dropped; one
-    given as None (code written for ms-swift's signature) means "not used" and passes."""
-    if given := sorted(k for k, v in unsupported.items() if v is not None):
+    given empty (None, [], False: code written for ms-swift's signature) means "not used" and passes."""
+    if given := sorted(k for k, v in unsupported.items() if v not in (None, False, [], (), {}, "")):
         raise TypeError(f"lorafleet's client helpers take no argument named {', '.join(given)}.")
 
 

@@ -105,7 +105,7 @@ class AdapterLoadError(InvalidRequestError):
 
     def __init__(self, name: str, cause: BaseException):
         super().__init__(
-            f"adapter '{name}' could not be loaded: {type(cause).__name__}: {cause}. Register working "
+            f"adapter '{name}' could not be loaded: {type(cause).__name__}: {str(cause)[:600]}. Register working "
             "files under this name (replace=true) or unload it.",
             param="model",
             code="adapter_load_failed",

@@ -19,7 +19,7 @@ def base_dir_for(adapter_path: str, model_type: str | None, model_id_or_path: st
 
     if model_type or model_id_or_path:
         return resolve_model_dir(model_type, model_id_or_path)
-    base = inspect_adapter(adapter_path).base_model_name_or_path
+    base = inspect_adapter(adapter_path, for_vllm=False).base_model_name_or_path  # (PEFT merges any LoRA)
     base_type, base_path = adapter_base(base, read_sft_args(adapter_path))
     if base_type or (base_path and Path(base_path).is_dir()):
         return resolve_model_dir(base_type, base_path)

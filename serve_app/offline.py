@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_registry.adapter_files import check_adapter_fits, inspect_adapter
+from serve_app.batch_infer import check_request
 from serve_app.config import EngineOptions
 from serve_app.engines import lora_slots, lora_targets
 from serve_app.engines.pt_engine import PtEngine, PtSettings
@@ -139,7 +140,7 @@ class OfflineEngine:
             raise ConfigError("this engine was built without LoRA; call get_vllm_engine(..., enable_lora=True).")
         max_rank = options.max_lora_rank if options is not None else 1 << 16
         base_config = json.loads((Path(self.model_dir) / "config.json").read_text())
-        check_adapter_fits(inspect_adapter(ref.path), base_config, max_rank)
+        check_adapter_fits(inspect_adapter(ref.path, for_vllm=options is not None), base_config, max_rank)
 
     def shutdown(self) -> None:
         """Stop the engine inside its own loop, then the loop, and let the engine go now.
@@ -290,7 +291,7 @@ def _jobs(engine: OfflineEngine, template: Template, request_list, generation_co
     adapter = engine.adapter_ref(lora_request)
     jobs = []
     for k, item in enumerate(request_list):
-        _check_request(k, item)
+        check_request(f"request_list[{k}]", item)
         history = [list(turn) for turn in item.get("history") or []]
         ids, used = template.encode(item["query"], history, item.get("system"), max_length=engine.max_model_len - 1)
         if len(used) < len(history):
@@ -299,23 +300,6 @@ def _jobs(engine: OfflineEngine, template: Template, request_list, generation_co
         request = GenerationRequest(f"offline-{uuid.uuid4().hex}", tuple(ids), options, adapter)
         jobs.append(_Job(item["query"], history, request))
     return jobs
-
-
-def _check_request(k: int, item) -> None:
-    """ms-swift's request: {"query": str, "history"?: [[query, response], ...], "system"?: str}; a
-    wrong one is named here, not met later as a KeyError or a prompt of the wrong type."""
-    if not isinstance(item, dict) or not isinstance(item.get("query"), str):
-        got = sorted(item) if isinstance(item, dict) else type(item).__name__
-        raise ValueError(f"request_list[{k}] needs a 'query' string (got {got}).")
-    if unknown := sorted(set(item) - {"query", "history", "system"}):
-        raise ValueError(f"request_list[{k}] has keys {unknown}; a request takes query, history and system.")
-    history = item.get("history") or []
-    if not isinstance(history, (list, tuple)) or not all(
-        isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history
-    ):
-        raise ValueError(f"request_list[{k}]['history'] must be a list of [query, response] string pairs.")
-    if item.get("system") is not None and not isinstance(item["system"], str):
-        raise ValueError(f"request_list[{k}]['system'] must be a string.")
 
 
 async def _drive(engine, job: _Job, on_update) -> None:

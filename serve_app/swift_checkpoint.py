@@ -68,7 +68,7 @@ def resolve_model_choice(args) -> ModelChoice:
     trained_type = trained.get("model_type") if trained.get("model_type") in MODELS else None
     ckpt_dir = peft_form(args.ckpt_dir) if args.ckpt_dir else None
     if ckpt_dir and is_peft_adapter(ckpt_dir):
-        info = inspect_adapter(ckpt_dir)
+        info = inspect_adapter(ckpt_dir, for_vllm=not getattr(args, "merge_lora", False))  # (a merge takes any)
         if model_type is None and path is None:
             model_type, path = adapter_base(info.base_model_name_or_path, trained)
         if getattr(args, "merge_lora", False):

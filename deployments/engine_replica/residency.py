@@ -163,7 +163,7 @@ class AdapterResidency:
                 self._count_load(time.perf_counter() - started)
             except BaseException as error:
                 self.held.pop(adapter_id, None)  # (unless the registry dropped it meanwhile; the finally wakes waiters)
-                if isinstance(error, Exception) and not isinstance(error, LorafleetError):
+                if await self._adapters_fault(error):
                     logger.warning("the engine could not load adapter '%s': %r", ref.name, error)
                     raise AdapterLoadError(ref.name, error) from None
                 raise
@@ -173,6 +173,20 @@ class AdapterResidency:
         finally:
             self.loading.pop(adapter_id, None)
             self.freed.set()  # whoever left while it loaded, it may be idle now
+
+    async def _adapters_fault(self, error: BaseException) -> bool:
+        """Whether a failed load was the adapter's files' fault (a 400 that says so), not the
+        engine's: a cancellation, a timeout, memory, or an engine that is dead or stopping keep
+        their own errors (5xx, which clients retry)."""
+        if not isinstance(error, Exception) or isinstance(error, (LorafleetError, TimeoutError)):
+            return False
+        if "out of memory" in str(error).lower():
+            return False
+        try:
+            await asyncio.wait_for(self.engine.check_health(), timeout=5)
+        except Exception:  # noqa: BLE001  (any failure of the check means: not the adapter's fault)
+            return False
+        return True
 
     async def take_slot(self, adapter_id: int) -> None:
         """Give `adapter_id` a place in `held`, waiting in line while every held adapter is

@@ -116,12 +116,18 @@ class StructuredOutputs(Strict):
     @field_validator("json_")
     @classmethod
     def _a_json_schema(cls, schema: dict | str | None):
+        """A schema, as an object or as its JSON text (which goes on as given, once checked)."""
+        parsed = schema
         if isinstance(schema, str):
             try:
-                schema = json.loads(schema)
+                parsed = json.loads(schema)
             except ValueError as e:
                 raise ValueError(f"not JSON: {e}") from None
-        return checked_schema(schema) if isinstance(schema, dict) else schema
+            if not isinstance(parsed, (dict, bool)):
+                raise ValueError("a JSON Schema is an object (or true / false)")
+        if isinstance(parsed, dict):
+            checked_schema(parsed)
+        return schema
 
     @model_validator(mode="after")
     def _one_kind(self):

@@ -135,7 +135,8 @@ def test_tenant_keys_see_and_use_only_their_own_and_are_limited(guarded_app):
     elsewhere = as_acme.post("/v1/adapters", json={"name": "acme:x", "path": str(XIAO_HUANG_DIR)})
     assert elsewhere.status_code == 403 and elsewhere.json()["error"]["code"] == "path_not_allowed"
     assert "this tenant's folders" in elsewhere.json()["error"]["message"]  # not the operator's --adapter_roots
-    for flags in ({"pinned": True}, {"preload": True}, {"force": True}):  # slots on every replica: the admin's
+    # slots on every replica are the admin's, and so is clearing them (a replace with pinned false)
+    for flags in ({"pinned": True}, {"preload": True}, {"force": True}, {"pinned": False, "replace": True}):
         flagged = as_acme.post("/v1/adapters", json={"name": "acme:y", "path": str(own), **flags})
         assert flagged.status_code == 403, flagged.text
     assert as_acme.patch("/v1/adapters/acme:bot", json={"pinned": True}).status_code == 403

@@ -176,6 +176,26 @@ def test_broken_adapter_files_are_refused_at_registration(tmp_path, adapters, da
     assert refused.value.param == "lora_path"
 
 
+@pytest.mark.parametrize(
+    "change, rank, targets",
+    [
+        ({"rank_pattern": {"v_proj": 16}}, 16, ("q_proj", "v_proj")),  # vLLM's rank: the largest
+        ({"target_modules": [], "target_parameters": ["mlp.experts.gate_up_proj"]}, 4, ()),  # MoE experts only
+        ({"target_modules": ".*(q_proj|v_proj)$"}, 4, (".*(q_proj|v_proj)$",)),  # PEFT's regular expression
+        ({"lora_alpha": 8.5}, 4, ("q_proj", "v_proj")),
+    ],
+)
+def test_real_peft_variants_pass_the_file_checks(tmp_path, adapters, change, rank, targets):
+    import shutil
+
+    from lora_registry.adapter_files import inspect_adapter
+
+    variant = shutil.copytree(adapters["a"], tmp_path / "variant")
+    _config(**change)(variant)
+    info = inspect_adapter(variant)
+    assert (info.rank, info.target_modules) == (rank, targets)
+
+
 def test_unregister_unknown_is_404(tmp_path, adapters):
     with pytest.raises(NotFoundError):
         run(registry(tmp_path, adapters).unregister("nope"))
