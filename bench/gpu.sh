@@ -8,6 +8,7 @@
 #   bash bench/gpu.sh formats OUT     # GPTQ int4/int8 exports and a converted Qwen(1) checkpoint, served by vLLM
 #   bash bench/gpu.sh profile OUT [--configs ...]   # a LoRA decode step's time by distinct adapters (issue 22)
 #   bash bench/gpu.sh tune OUT [--ranks 8 16 ...]    # tune vLLM's LoRA kernels: the files of serve_app/assets/lora_kernels
+#   bash bench/gpu.sh bgmv OUT [--batch 64]          # a one-program-per-token LoRA kernel against vLLM's (issue 22)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source /tmp/parts/install.sh
@@ -39,6 +40,11 @@ profile)
 tune)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
   exec python3 bench/lora_kernel_tune.py $shape --out "$out" "$@"
+  ;;
+bgmv)  # vLLM's side with the kernel configs lorafleet ships, as its engine replicas run them
+  [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
+  VLLM_TUNED_CONFIG_FOLDER=$PWD/serve_app/assets/lora_kernels \
+    exec python3 bench/bgmv_probe.py $shape --out "$out"/bgmv_probe.json "$@"
   ;;
 bench)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
