@@ -170,8 +170,8 @@ def main() -> None:
         if args.device == "cuda":
             row["bgmv_us"] = {
                 f"k{bk}-n{bn}-w{w}": gpu_us(lambda bk=bk, bn=bn, w=w, case=case: case(bk, bn, w))
-                for bk in (128, 256, 512)
-                for bn in (64, 128, 256)
+                for bk in (128, 256)
+                for bn in (128, 256)
                 for w in (2, 4)
             }
             row["vllm_us"] = vllm_us(k, widths, args.rank, args.batch, distinct, args.max_loras)
