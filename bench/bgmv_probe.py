@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, default=64)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--wide", action="store_true", help="48 block and warp choices instead of 8")
     args = parser.parse_args()
     from bench.lora_kernel_tune import module_shapes
 
@@ -170,9 +171,9 @@ def main() -> None:
         if args.device == "cuda":
             row["bgmv_us"] = {
                 f"k{bk}-n{bn}-w{w}": gpu_us(lambda bk=bk, bn=bn, w=w, case=case: case(bk, bn, w))
-                for bk in (128, 256)
-                for bn in (128, 256)
-                for w in (2, 4)
+                for bk in ((128, 256, 512, 1024) if args.wide else (128, 256))
+                for bn in ((64, 128, 256, 512) if args.wide else (128, 256))
+                for w in ((2, 4, 8) if args.wide else (2, 4))
             }
             row["vllm_us"] = vllm_us(k, widths, args.rank, args.batch, distinct, args.max_loras)
         rows.append(row)
