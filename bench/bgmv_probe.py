@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.lora_kernel_tune import Case, gpu_us, module_shapes  # noqa: E402  (after the path, run as a script)
 
 
 @triton.jit
@@ -119,31 +120,9 @@ def check(case: Bgmv) -> float:
     return max(y_err, (case.out.float() - want_out).abs().max().item() / scale)
 
 
-def gpu_us(call, calls: int = 20, reps: int = 5) -> float:
-    """Microseconds per call, replayed from a CUDA graph as the engine's decode steps are."""
-    call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / calls)
-    return best
-
-
 def vllm_us(k: int, widths: list[int], rank: int, batch: int, distinct: int, max_loras: int) -> float:
     """vLLM's shrink + expand for the same shapes, with the configs vLLM picks (lorafleet's tuned
     files when VLLM_TUNED_CONFIG_FOLDER points at them, as the engine replicas set it)."""
-    from bench.lora_kernel_tune import Case
-
     shrink = Case("shrink", k, widths, rank, batch, distinct, max_loras)
     expand = Case("expand", k, widths, rank, batch, distinct, max_loras)
     return gpu_us(shrink) + gpu_us(expand)
@@ -159,8 +138,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--wide", action="store_true", help="48 block and warp choices instead of 8")
     args = parser.parse_args()
-    from bench.lora_kernel_tune import module_shapes
-
     k, widths = module_shapes(json.loads((args.model_dir / "config.json").read_text()), 1)["qkv"]
     rows = []
     for distinct in sorted({1, min(8, args.batch), min(args.batch, args.max_loras)}):

@@ -13,6 +13,8 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 
+from serve_app.errors import LorafleetError
+
 # Ray Serve settings lorafleet runs with. They must be in the environment of the process that starts
 # the Ray cluster (`serve run`, `ray start`, `lorafleet deploy`): Serve's proxy and replicas read them.
 # THROUGHPUT_OPTIMIZED: uvloop, gRPC between deployments, less request-path logging. ENABLE_HA_PROXY:
@@ -69,10 +71,10 @@ class _BriefRefusals(logging.Filter):
     long) is the method answering as meant, and its caller tells the user: one INFO line here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from serve_app.errors import LorafleetError
-
-        error = record.exc_info[1] if record.exc_info else None
-        if record.msg == "Request failed." and isinstance(error, LorafleetError) and error.status < 500:
+        if record.msg != "Request failed." or not record.exc_info:  # (every access log line passes here)
+            return True
+        error = record.exc_info[1]
+        if isinstance(error, LorafleetError) and error.status < 500:
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args = "Request refused (%d %s): %s", (error.status, error.type, error.message)
             record.exc_info, record.exc_text = None, None

@@ -16,12 +16,11 @@ Explicit numbers in the config win. The result is logged and reported with the r
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
-from serve_app.platform import replica_logger
-
-logger = replica_logger(__name__)
+logger = logging.getLogger(__name__)  # (in a replica, deployments/llm_server.py logs the numbers)
 
 MIN_SLOTS, MAX_SLOTS = 4, 64
 MAX_HOST_SLOTS = 1024
