@@ -13,6 +13,8 @@ the rate over many adapters, and LoRA / base (issue 22's measure), from the runs
 (matplotlib is not one of the project's packages: `pip install matplotlib` first.)
 
 LABEL groups bars (a workload); SYSTEM is a key of the summary's lora_runs (vllm, lorafleet-deploy).
+"LABEL=SUMMARY.json:SYSTEM:WORKLOAD" takes one of a start's --lora-workloads (the summary's
+lora_matrix; WORKLOAD as the table prints it, e.g. "uniform over 32 @ 64 streams").
 A label may carry a system's description after '|': "64 uniform|vLLM, expert flags=...".
 """
 
@@ -26,12 +28,14 @@ from pathlib import Path
 def read(spec: str) -> tuple[str, str, float, float]:
     """(workload, system name, base tok/s, LoRA tok/s) of one run."""
     label, source = spec.split("=", 1)
-    path, system = source.rsplit(":", 1)
-    summary = json.loads(Path(path).read_text())
-    concurrency = summary["lora_runs"][system]["max_concurrency"]
+    path, rest = source.split(".json:", 1)
+    system, _, matrix_label = rest.partition(":")
+    summary = json.loads(Path(path + ".json").read_text())
+    lora = summary["lora_matrix"][system][matrix_label] if matrix_label else summary["lora_runs"][system]
+    concurrency = lora["max_concurrency"]
     [base] = [r for r in summary["runs"] if r["system"] == system and r["concurrency"] == concurrency]
     workload, _, name = label.partition("|")
-    return workload, name or system, base["output_throughput"], summary["lora_runs"][system]["output_throughput"]
+    return workload, name or system, base["output_throughput"], lora["output_throughput"]
 
 
 def plot(out: Path, runs: list[tuple[str, str, float, float]]) -> None:

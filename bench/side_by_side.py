@@ -11,6 +11,8 @@ summary.json and the plot go to --out. The three systems: vLLM's server, Ray Ser
 
     --loras 16          also the multi-LoRA workload: 16 peft adapters, --max-loras resident, a random
                         adapter per request; plus new adapter -> first streamed token (p50 of 5)
+    --lora-workloads 32 z256 64@32    more multi-LoRA workloads on the same server start: uniform over
+                        the first 32 adapters, Zipf (s = 1) over 256, uniform over 64 at 32 streams
     --model-dir DIR --tp 4 --load-format dummy     a GPU run on a real shape (bench/model_shapes.py)
     --repeat 3          every system 3 times in turn; each row is the median run, all runs listed
 """
@@ -314,14 +316,47 @@ def ttft_parts(run: dict[str, float]) -> dict[str, float] | None:
     return parts
 
 
+@dataclass(frozen=True)
+class Workload:
+    """A multi-LoRA load: requests spread over the first `adapters` registered adapters, uniformly or
+    by Zipf (s = `zipf`), at `streams` concurrent streams."""
+
+    adapters: int
+    zipf: float
+    streams: int
+
+    @property
+    def label(self) -> str:
+        spread = f"Zipf (s = {self.zipf})" if self.zipf else "uniform"
+        return f"{spread} over {self.adapters} @ {self.streams} streams"
+
+    @classmethod
+    def parse(cls, spec: str, streams: int) -> Workload:
+        """'64' (uniform over 64), 'z256' (Zipf s = 1 over 256), '64@32' (at 32 streams)."""
+        count, _, at = spec.partition("@")
+        zipf = 1.0 if count.startswith("z") else 0.0
+        try:
+            return cls(int(count.removeprefix("z")), zipf, int(at) if at else streams)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--lora-workloads: {spec!r} is not N, zN or N@STREAMS") from None
+
+
+def workloads(args) -> list[Workload]:
+    """The main workload (--loras, --lora-zipf, --lora-concurrency) first, then --lora-workloads."""
+    main = [Workload(args.loras, args.lora_zipf, args.lora_concurrency)] if args.loras else []
+    return main + [Workload.parse(w, args.lora_concurrency) for w in args.lora_workloads]
+
+
 def make_adapters(args) -> tuple[dict[str, Path], list[Path]]:
-    """`--loras` random PEFT adapters for the model's shape, plus 5 spare ones for the latency row."""
-    if not args.loras:
+    """Random PEFT adapters for the model's shape, as many as the largest workload draws from, plus 5
+    spare ones for the latency row."""
+    count = max((w.adapters for w in workloads(args)), default=0)
+    if not count:
         return {}, []
     from model_shapes import write_adapters
 
-    paths = write_adapters(args.model_dir, args.out / "adapters", args.loras + 5, args.lora_rank)
-    return {f"lora-{i}": p for i, p in enumerate(paths[: args.loras])}, paths[args.loras :]
+    paths = write_adapters(args.model_dir, args.out / "adapters", count + 5, args.lora_rank)
+    return {f"lora-{i}": p for i, p in enumerate(paths[:count])}, paths[count:]
 
 
 def new_adapter_latency(paths: list[Path]) -> list[float]:
@@ -346,14 +381,13 @@ def new_adapter_latency(paths: list[Path]) -> list[float]:
     return times
 
 
-def lora_draws(args) -> list[str]:
-    """The adapter names the load generator draws from uniformly: each adapter once, or under
-    `--lora-zipf s` the adapter of rank i (from 1) about 1/i^s as often as the first one (repeated
+def lora_draws(names: list[str], zipf: float) -> list[str]:
+    """The adapter names the load generator draws from uniformly: each adapter once, or under Zipf
+    (s = `zipf`) the adapter of rank i (from 1) about 1/i^s as often as the first one (repeated
     round(len / i^s) times, at least once), so a few adapters take most requests."""
-    names = list(args.adapters)
-    if not args.lora_zipf:
+    if not zipf:
         return names
-    return [n for i, n in enumerate(names, 1) for _ in range(max(1, round(len(names) / i**args.lora_zipf)))]
+    return [n for i, n in enumerate(names, 1) for _ in range(max(1, round(len(names) / i**zipf)))]
 
 
 def lora_table(results: dict, lora_results: dict, one_adapter: dict, new_adapter_s: dict, args) -> str:
@@ -376,6 +410,31 @@ def lora_table(results: dict, lora_results: dict, one_adapter: dict, new_adapter
             f"| {system} | {base:.0f} | {one:.0f} | {spread:.0f} | {spread / base:.2f}x | {spread / one:.2f}x "
             f"| {r['p50_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} | {latency:.3f} |"
         )
+    return "\n".join(rows)
+
+
+def matrix_table(results: dict, matrix: dict, args) -> str:
+    """Every multi-LoRA workload of every system's start, beside the base run at the same streams."""
+    rows = [
+        f"Multi-LoRA workloads, rank {args.lora_rank}, one start per system",
+        "",
+        "| workload | system | base tok/s | one adapter tok/s | LoRA tok/s | LoRA / base | LoRA / one adapter "
+        "| LoRA TTFT p50 ms | LoRA TPOT p50 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    nan = {"output_throughput": float("nan")}
+    for system, runs in matrix.items():
+        for label, r in runs.items():
+            if label.startswith("one adapter"):
+                continue
+            c = r["max_concurrency"]
+            base = results.get((system, c), nan)["output_throughput"]
+            one = runs.get(f"one adapter @ {c} streams", nan)["output_throughput"]
+            spread = r["output_throughput"]
+            rows.append(
+                f"| {label} | {system} | {base:.0f} | {one:.0f} | {spread:.0f} | {spread / base:.2f}x "
+                f"| {spread / one:.2f}x | {r['p50_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} |"
+            )
     return "\n".join(rows)
 
 
@@ -508,6 +567,13 @@ def main() -> None:
         "--vllm-flags='--lora-target-modules q_proj v_proj'",
     )
     parser.add_argument("--lora-concurrency", type=int, default=16)
+    parser.add_argument(
+        "--lora-workloads",
+        nargs="*",
+        default=[],
+        help="more multi-LoRA workloads on the same start: N (uniform over the first N adapters), zN (Zipf s = 1), "
+        "N@STREAMS; the adapters registered are the most any workload draws from",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--keep", action="store_true", help="keep other systems' results in --out (one comparison over several calls)"
@@ -542,6 +608,7 @@ class Findings:
     lora_results: dict = field(default_factory=dict)  # system -> the multi-LoRA run
     one_adapter: dict = field(default_factory=dict)  # system -> the same streams, all on one adapter
     new_adapter_s: dict = field(default_factory=dict)  # system -> new adapter -> first token, seconds
+    lora_matrix: dict = field(default_factory=dict)  # system -> workload label -> its run
 
 
 def run_system(system, starter, args, tag: str, found: Findings) -> None:
@@ -568,21 +635,36 @@ def run_system(system, starter, args, tag: str, found: Findings) -> None:
             found.results[(system, c)] = median_run(found.runs[(system, c)])
             print(f"{system} c={c}{tag}: {run['output_throughput']:.0f} tok/s", flush=True)
         if args.adapters and system != "ray-serve-llm":  # it loads adapters from cloud storage only
-            c = args.lora_concurrency
-            found.lora_results[system] = load(system, c, args, args.out, loras=lora_draws(args), tag=tag)
-            # the same streams on one adapter of the same server: what spreading them costs (issue 22's CPU measure)
-            found.one_adapter[system] = load(
-                system, c, args, args.out, loras=[next(iter(args.adapters))], tag=tag + "-one"
-            )
-            print(
-                f"{system} c={c} {len(args.adapters)} adapters: {found.lora_results[system]['output_throughput']:.0f} tok/s,"
-                f" one adapter: {found.one_adapter[system]['output_throughput']:.0f} tok/s"
-            )
+            run_workloads(system, args, tag, found)
             found.new_adapter_s[system] = new_adapter_latency(args.spare_adapters)
             print(f"{system}: new adapter -> first token p50 {statistics.median(found.new_adapter_s[system]):.3f} s")
+            write_report(args, found)  # before the stop, which can take lorafleet half a minute
     finally:
         stop(proc)
     write_report(args, found)  # each system's part lands as it ends
+
+
+def run_workloads(system: str, args, tag: str, found: Findings) -> None:
+    """Every multi-LoRA workload on the running server, and per stream count the same streams on one
+    adapter (what spreading them over adapters costs: issue 22's CPU measure). The first workload
+    is the main one (lora_results, one_adapter); all of them land in lora_matrix."""
+    names = list(args.adapters)
+    matrix = found.lora_matrix.setdefault(system, {})
+    for k, w in enumerate(workloads(args)):
+        draws = lora_draws(names[: w.adapters], w.zipf)
+        run = load(system, w.streams, args, args.out, loras=draws, tag=f"{tag}-w{k}")
+        matrix[w.label] = run
+        one_label = f"one adapter @ {w.streams} streams"
+        if one_label not in matrix:
+            matrix[one_label] = load(system, w.streams, args, args.out, loras=names[:1], tag=f"{tag}-one{w.streams}")
+        if k == 0:
+            found.lora_results[system], found.one_adapter[system] = run, matrix[one_label]
+        print(
+            f"{system} {w.label}: {run['output_throughput']:.0f} tok/s,"
+            f" one adapter: {matrix[one_label]['output_throughput']:.0f} tok/s",
+            flush=True,
+        )
+        write_report(args, found)  # what ran so far survives a call cut short (a lease's time limit)
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -605,6 +687,8 @@ def write_report(args, found: Findings) -> None:
         report += "\n\n" + parts
     if lora_results:
         report += "\n\n" + lora_table(results, lora_results, one_adapter, new_adapter_s, args)
+    if args.lora_workloads:
+        report += "\n\n" + matrix_table(results, found.lora_matrix, args)
     print(report, flush=True)
     (args.out / "table.md").write_text(report + "\n")
     plot(results, args.out / "side_by_side.png")
@@ -613,6 +697,7 @@ def write_report(args, found: Findings) -> None:
     summary["lora_runs"] = lora_results
     summary["one_adapter_runs"] = one_adapter
     summary["new_adapter_to_first_token_s"] = new_adapter_s
+    summary["lora_matrix"] = found.lora_matrix
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
@@ -635,6 +720,7 @@ def earlier_results(args) -> Findings:
         pick("lora_runs"),
         pick("one_adapter_runs"),
         pick("new_adapter_to_first_token_s"),
+        pick("lora_matrix"),
     )
 
 
