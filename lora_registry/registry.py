@@ -348,7 +348,8 @@ class LoraRegistry:
         if not base.lora_enabled:
             raise InvalidRequestError(
                 f"model '{base.name}' is served without LoRA; set engine.enable_lora (flag --vllm_enable_lora true).",
-                param="base_model",
+                param="base_model" if base_model is not None else None,  # the field the caller sent, if any
+                code="lora_not_enabled",
             )
         return base
 

@@ -393,3 +393,14 @@ def test_adapters_kept_from_a_run_with_lora_are_not_served_by_one_without(tmp_pa
         assert [p.to_dict()["served"] for p in run(reg.describe())] == [False]
     reg = registry(tmp_path, adapters)
     assert run(reg.state()).adapters["kept"].path == str(adapters["a"])
+
+
+def test_registering_on_a_model_without_lora_names_the_setting(tmp_path, adapters):
+    """The error names base_model only when the caller sent it; it tells how to turn LoRA on."""
+    no_lora = BaseModelSpec(BASE.name, BASE.config, False, 16, VLLM_LORA_MODULES)
+    reg = LoraRegistry(str(tmp_path / "state"), [no_lora], [str(adapters["root"])], {}, DATABASE_URL)
+    for base_model, param in ((None, None), ("tiny-chat", "base_model")):
+        with pytest.raises(InvalidRequestError, match="served without LoRA; set engine.enable_lora") as refused:
+            run(reg.register("x", str(adapters["a"]), base_model))
+        assert (refused.value.param, refused.value.code) == (param, "lora_not_enabled")
+    assert reg.records == {}
