@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,7 @@ def test_vllm_serves_the_merged_checkpoint(merged, vllm_engine):
     from serve_app import LoRARequest, get_template, get_vllm_engine, inference_vllm
 
     engine = get_vllm_engine(model_id_or_path=str(merged), **FAST_START)
+    rpc_dir = engine.engine.rpc_dir  # its own folder for vLLM's socket files, gone after shutdown
     try:
         requests = [{"query": q} for q in PROMPTS]
         lora = LoRARequest("xh", 77, str(XIAO_HUANG_DIR))
@@ -59,8 +61,10 @@ def test_vllm_serves_the_merged_checkpoint(merged, vllm_engine):
             vllm_engine, get_template("qwen", vllm_engine.hf_tokenizer), requests, lora_request=lora
         )
         assert inference_vllm(engine, get_template("qwen", engine.hf_tokenizer), requests) == expected
+        assert rpc_dir and any(entry.is_socket() for entry in Path(rpc_dir).iterdir())
     finally:
         engine.shutdown()
+    assert not Path(rpc_dir).exists()
 
 
 def test_to_peft_format_checks_and_copies(tmp_path):

@@ -75,8 +75,8 @@ def app_config(state_dir: Path, database_url: str, s3_root: str) -> dict:
                 "name": "tiny-nl",
                 "model_type": "tiny-chat",
                 # Tensor parallelism 2: its two workers' bundles are placed together, on the worker
-                # and then on the head. (The suite's only TP-2 app: tests/engine/test_oracle.py has
-                # the offline one.)
+                # and then on the head. (The suite's only TP-2 engine: its answers equal
+                # transformers' below, which covers what an offline TP-2 engine would.)
                 "engine": {**FAST_START, "tensor_parallel_size": 2, "max_model_len": 512, "enable_lora": True},
                 "deployment": {"num_replicas": 1, "ray_actor_options": on_a_slot},
             }
