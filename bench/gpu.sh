@@ -50,12 +50,18 @@ bench)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
   tp=$1; shift
   runs=${BENCH_DIR:-/tmp/bench-tp$tp}  # one comparison per folder, kept across calls (--keep)
+  keep_results() {  # also when `timeout` ends the call: side_by_side.py reports after every workload
+    cp "$runs"/{table.md,summary.json,side_by_side.png} "$out"/ 2>/dev/null || true
+    for log in lorafleet-server lorafleet-deploy-server; do
+      [ -f "$runs/$log.log" ] && tail -c 200000 "$runs/$log.log" > "$out/$log.log"
+    done
+    return 0
+  }
+  trap 'keep_results; exit 124' TERM
   python3 bench/side_by_side.py --model-dir $shape --tp "$tp" --load-format dummy --max-model-len 4096 \
-    --input-len 512 --output-len 256 --out "$runs" --keep "$@" || status=$?
-  cp "$runs"/{table.md,summary.json,side_by_side.png} "$out"/ || true
-  for log in lorafleet-server lorafleet-deploy-server; do
-    [ -f "$runs/$log.log" ] && tail -c 200000 "$runs/$log.log" > "$out/$log.log"
-  done
+    --input-len 512 --output-len 256 --out "$runs" --keep "$@" &
+  wait $! || status=$?  # (a wait, so that the TERM trap runs at once)
+  keep_results
   exit ${status:-0}
   ;;
 esac
