@@ -336,9 +336,12 @@ class Workload:
         count, _, at = spec.partition("@")
         zipf = 1.0 if count.startswith("z") else 0.0
         try:
-            return cls(int(count.removeprefix("z")), zipf, int(at) if at else streams)
+            workload = cls(int(count.removeprefix("z")), zipf, int(at) if at else streams)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--lora-workloads: {spec!r} is not N, zN or N@STREAMS") from None
+            workload = None
+        if workload is None or workload.adapters < 1 or workload.streams < 1:
+            raise argparse.ArgumentTypeError(f"--lora-workloads: {spec!r} is not N, zN or N@STREAMS (N, STREAMS >= 1)")
+        return workload
 
 
 def workloads(args) -> list[Workload]:
@@ -579,6 +582,10 @@ def main() -> None:
         "--keep", action="store_true", help="keep other systems' results in --out (one comparison over several calls)"
     )
     args = parser.parse_args()
+    try:
+        workloads(args)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
     args.name = args.name or ("tiny-chat" if args.model_dir == Path(MODEL) else args.model_dir.name)
     args.gpu = has_nvidia_gpu()
     args.out = args.out.resolve()
@@ -653,7 +660,7 @@ def run_workloads(system: str, args, tag: str, found: Findings) -> None:
     for k, w in enumerate(workloads(args)):
         draws = lora_draws(names[: w.adapters], w.zipf)
         run = load(system, w.streams, args, args.out, loras=draws, tag=f"{tag}-w{k}")
-        label = w.label
+        label = w.label + (f" [{tag.lstrip('-')}]" if tag else "")  # (a --repeat's run)
         while label in matrix:  # a workload given twice (first and last: does the start's first run pay more?)
             label += ", again"
         matrix[label] = run

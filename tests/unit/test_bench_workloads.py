@@ -20,8 +20,9 @@ def test_specs_and_the_main_workload_first():
         Workload(64, 0.0, 32),
     ]
     assert Workload(256, 1.0, 32).label == "Zipf (s = 1.0) over 256 @ 32 streams"
-    with pytest.raises(argparse.ArgumentTypeError, match="'x64'"):
-        Workload.parse("x64", 64)
+    for bad in ("x64", "z0", "64@0", "64@x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            Workload.parse(bad, 64)
 
 
 def test_zipf_draws_favour_the_first_adapters():
