@@ -27,12 +27,23 @@ from serve_app.errors import LorafleetError
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
+# On the CPU, OpenMP threads that wait for work sleep instead of spinning: the engine shares the
+# cores with the ingress, the renderer and HAProxy, and a spinning thread holds a core they need.
+# `lorafleet deploy` with tiny-chat on 2 cores: 269 / 1,675 / 3,046 output tok/s at 1 / 16 / 64
+# streams spinning, 378-503 / 2,629-2,700 / 3,679-4,028 sleeping (docs/benchmarks.md). Read when a
+# process loads OpenMP, so it is set for the cluster's processes, not in a running one.
+CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def serve_env() -> dict[str, str]:
-    """SERVE_ENV plus this environment's HAProxy launcher (where it is installed)."""
+    """SERVE_ENV plus this environment's HAProxy launcher (where it is installed), and CPU_ENV on a
+    machine without a GPU."""
     from serve_app.haproxy_guard import launcher_path
 
-    launcher = launcher_path()
-    return {**SERVE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": launcher} if launcher else dict(SERVE_ENV)
+    env = dict(SERVE_ENV) | ({} if has_nvidia_gpu() else CPU_ENV)
+    if launcher := launcher_path():
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = launcher
+    return env
 
 
 def apply_serve_env() -> None:

@@ -40,6 +40,17 @@ def test_plain_serve_run_talks_grpc_between_deployments(path):
     assert env_vars["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == SERVE_ENV["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
 
 
+def test_the_cpu_config_lets_waiting_openmp_threads_sleep():
+    """The engine replicas of `serve run serve_config.yaml` get what `lorafleet deploy` gives its
+    cluster on the CPU (CPU_ENV): OpenMP reads it when a process loads it, so only a process's
+    environment at its start can carry it."""
+    from serve_app.platform import CPU_ENV, has_nvidia_gpu, serve_env
+
+    env_vars = load("serve_config.yaml")["applications"][0]["runtime_env"]["env_vars"]
+    assert env_vars["OMP_WAIT_POLICY"] == CPU_ENV["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert serve_env().get("OMP_WAIT_POLICY") == (None if has_nvidia_gpu() else "PASSIVE")
+
+
 def test_default_config_serves_tiny_chat_and_xiao_huang():
     config = AppConfig.model_validate(load("serve_config.yaml")["applications"][0]["args"])
     model = config.models[0]
