@@ -47,6 +47,7 @@ def run_app(
         while blocking:
             time.sleep(3600)
     except KeyboardInterrupt:
+        _ignore_further_stops()
         serve.shutdown()
     except RuntimeError as e:  # Serve says only which deployments failed; the reason is in its status
         reasons = _startup_failures()
@@ -92,6 +93,19 @@ def _stop_on_sigterm() -> None:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _ignore_further_stops() -> None:
+    """While Serve shuts down: a second Ctrl-C, or a SIGTERM repeated (a supervisor, `timeout` passing
+    on its own), would cut the shutdown short, leaving Serve's controller and HAProxy running and a
+    traceback on the console. Say that it is stopping instead."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _stopping)
+
+
+def _stopping(signum, frame) -> None:
+    print("[lorafleet] stopping; Serve is shutting down", flush=True)
 
 
 def _names(config: AppConfig) -> list[str]:
