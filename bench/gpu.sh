@@ -9,6 +9,7 @@
 #   bash bench/gpu.sh profile OUT [--configs ...]   # a LoRA decode step's time by distinct adapters (issue 22)
 #   bash bench/gpu.sh tune OUT [--ranks 8 16 ...]    # tune vLLM's LoRA kernels: the files of serve_app/assets/lora_kernels
 #   bash bench/gpu.sh bgmv OUT [--batch 64]          # a one-program-per-token LoRA kernel against vLLM's (issue 22)
+#   bash bench/gpu.sh warmup OUT      # what a fresh machine's first LoRA requests pay to compile kernels
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source /tmp/parts/install.sh
@@ -45,6 +46,10 @@ bgmv)  # vLLM's side with the kernel configs lorafleet ships, as its engine repl
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
   VLLM_TUNED_CONFIG_FOLDER=$PWD/serve_app/assets/lora_kernels \
     exec python3 bench/bgmv_probe.py $shape --out "$out"/bgmv_probe.json "$@"
+  ;;
+warmup)
+  [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape
+  exec python3 bench/lora_warmup_probe.py $shape --out "$out"/lora_warmup_probe.json "$@"
   ;;
 bench)
   [ -f $shape/config.json ] || python3 bench/model_shapes.py qwen2.5-7b-instruct $shape

@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from serve_app.engines import lora_slots, lora_warmup
 from serve_app.errors import InvalidRequestError
 from serve_app.messages import AdapterRef, Delta, GenerationRequest, SamplingOptions, StructuredOutput, TokenLogprob
-from serve_app.platform import prepare_vllm_env, private_rpc_dir, use_tuned_lora_kernels
+from serve_app.platform import gpu_names, prepare_vllm_env, private_rpc_dir, replica_logger, use_tuned_lora_kernels
 
 if TYPE_CHECKING:
     from serve_app.config import EngineOptions
+
+logger = replica_logger("engines.vllm_engine")
 
 
 def engine_args(model_dir: str, options: EngineOptions):
@@ -44,8 +48,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         prepare_vllm_env(options.tensor_parallel_size)
-        if options.enable_lora:
-            use_tuned_lora_kernels(model_dir)
+        tuned_kernels = use_tuned_lora_kernels(model_dir) if options.enable_lora else None
         # The defaults of vLLM's own OpenAI server, not of an embedded engine: on an H100/H200 that
         # is 8192 tokens per step and 1024 sequences instead of 2048 and 128. With 2048 a burst of
         # 16 prompts of 512 tokens prefills over four steps, and the last of them waits for the
@@ -54,13 +57,55 @@ class VllmEngine:
         # frames (this one too) for the life of the process, and a local would keep the engine alive
         # until the interpreter's teardown, where its __del__ fails on cleared module globals.
         with private_rpc_dir() as rpc_dir:
-            return cls(
+            engine = cls(
                 options,
                 AsyncLLM.from_engine_args(
                     engine_args(model_dir, options), usage_context=UsageContext.OPENAI_API_SERVER
                 ),
                 rpc_dir,
             )
+        if tuned_kernels:
+            lengths = lora_warmup.token_counts(tuned_kernels, gpu_names()[0], engine.max_model_len - 1)
+            await engine.warm_lora_kernels(lengths, model_dir)
+        return engine
+
+    async def warm_lora_kernels(self, prompt_lengths: list[int], model_dir: str) -> float | None:
+        """One prefill per length, alone, with a zero adapter (lora_warmup); returns the seconds it
+        took, or None when it could not run (the kernels then compile in the first requests)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        started = time.perf_counter()
+        config = lora_slots.hf_config(model_dir, bool(self.options.trust_remote_code))
+        folder = lora_warmup.weightless_adapter(
+            config, self.options.lora_target_modules, min(8, self.options.max_lora_rank)
+        )
+        if folder is None:
+            logger.warning(
+                "LoRA kernels not compiled at start: no module of this checkpoint's layout to warm them with"
+            )
+            return None
+        adapter = AdapterRef("lorafleet-warmup", lora_warmup.WARMUP_ADAPTER_ID, folder)
+        try:
+            await self.add_adapter(adapter)
+            params = SamplingParams(max_tokens=1, ignore_eos=True)
+            for i, length in enumerate(prompt_lengths):
+                prompt = TokensPrompt(prompt_token_ids=lora_warmup.warmup_prompt(i, length))
+                async for _ in self.llm.generate(
+                    prompt, params, f"lorafleet-warmup-{i}", lora_request=self._lora_request(adapter)
+                ):
+                    pass
+            await self.remove_adapter(adapter.adapter_id)
+        except Exception as e:  # noqa: BLE001 - a warm-up that fails costs speed, never the engine
+            logger.warning("LoRA kernels not compiled at start (%s: %s)", type(e).__name__, e)
+            return None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        took = time.perf_counter() - started
+        logger.info(
+            "LoRA kernels compiled for %d prompt lengths %s in %.1f s", len(prompt_lengths), prompt_lengths, took
+        )
+        return took
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
         from vllm.inputs import TokensPrompt

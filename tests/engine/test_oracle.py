@@ -108,3 +108,26 @@ def test_auto_slots_mix_that_many_adapters_in_one_batch(vllm_engine, hf_model):
     answers, loaded = vllm_engine.run(batch())
     assert answers[: 4 * len(ids)] == expected * 4
     assert {r.adapter_id for r in refs} <= set(loaded)
+
+
+def test_kernel_warmup_adapter_loads_and_generates_what_the_base_does(vllm_engine):
+    # The weightless adapter of the GPU's kernel warm-up (serve_app/engines/lora_warmup.py): vLLM
+    # takes it, its requests answer as the base model, and the warm-up leaves no adapter behind.
+    import json
+    import shutil
+
+    from serve_app.engines import lora_warmup
+
+    engine = vllm_engine.engine
+    before = vllm_engine.run(engine.loaded_adapter_ids())
+    took = vllm_engine.run(engine.warm_lora_kernels([1, 2, 16, 17], str(TINY_CHAT_DIR)))
+    assert took is not None and took > 0
+    assert vllm_engine.run(engine.loaded_adapter_ids()) == before
+    config = json.loads((TINY_CHAT_DIR / "config.json").read_text())
+    folder = lora_warmup.weightless_adapter(config, ["v_proj"], 8)
+    try:
+        ids = prompt_ids(vllm_engine.hf_tokenizer)[:3]
+        weightless = AdapterRef("weightless", lora_warmup.WARMUP_ADAPTER_ID - 1, folder)
+        assert vllm_greedy(vllm_engine, ids, weightless) == vllm_greedy(vllm_engine, ids)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -19,6 +19,12 @@ GPUS = sorted(p.name.removesuffix("_SHRINK.json") for p in FOLDER.glob("*_SHRINK
 # what vLLM's kernel wrappers read from a config (lora_shrink_op.py, lora_expand_op.py)
 SHRINK_KEYS = {"block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "num_ctas"}
 EXPAND_KEYS = {"block_m", "block_n", "block_k", "num_warps", "num_stages", "num_ctas"}
+# a 7B model's LoRA layers (1-3 slices, widths 3584 and 18944, ranks 8 and 16) as vLLM looks them up
+LAYOUTS = [
+    (op, (slices, width, rank), dict(max_loras=65, hidden_size=width, rank=rank, num_slices=slices, **extra))
+    for op, extra in [("shrink", {}), ("expand", {"add_inputs": True}), ("expand", {"add_inputs": False})]
+    for slices, width, rank in itertools.product([1, 2, 3], [3584, 18944], [8, 16])
+]
 
 
 @pytest.fixture
@@ -149,3 +155,24 @@ def test_cpu_keeps_vllms_defaults(monkeypatch):
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "")
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
     assert use_tuned_lora_kernels() is None
+
+
+@pytest.mark.parametrize("gpu", GPUS)
+def test_warmup_lengths_reach_every_kernel_variant_a_step_can_meet(gpu, vllm_lookup):
+    # Triton compiles one kernel per config and per specialisation of M (1, divisible by 16, other).
+    # Every (layout, config, specialisation) that some step size up to 8192 tokens meets, through
+    # vLLM's own lookup, is met by one of the warm-up's prompt lengths (serve_app/engines/lora_warmup.py).
+    from serve_app.engines.lora_warmup import _kind, token_counts
+
+    lookup = vllm_lookup(gpu)
+    lengths = token_counts(str(FOLDER), gpu, 8192)
+    assert len(lengths) < 40  # a start's worth of prefills, not a sweep
+
+    def variants(sizes):
+        return {
+            (op, layout, tuple(sorted(lookup(op, batch=m, **kw).items())), _kind(m))
+            for m in sizes
+            for op, layout, kw in LAYOUTS
+        }
+
+    assert variants(range(1, 8193)) <= variants(lengths)
