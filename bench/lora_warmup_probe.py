@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+ENGINES = ("without_warmup", "with_warmup")
 LENGTHS = [300, 700, 1500, 1501, 3000, 6000, 6001]  # buckets 256, 512, 2048 (both kinds), 8192 (both)
 
 
@@ -100,13 +101,13 @@ def phase(name: str) -> None:
     print(f"=== phase: {name} ===", flush=True)
 
 
-async def probe(model_dir: str, load_format: str, max_model_len: int) -> dict:
+async def probe(model_dir: str, load_format: str, max_model_len: int, engines: list[str]) -> dict:
     from serve_app.engines.vllm_engine import VllmEngine
     from serve_app.platform import gpu_names
 
     opts = options(load_format, max_model_len)
     report = {"gpu": gpu_names()[0]}
-    for name in ("without_warmup", "with_warmup"):
+    for name in engines:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cold-")  # a new container's
         phase(f"{name}: start")
         started = time.perf_counter()
@@ -129,8 +130,9 @@ def main() -> None:
     parser.add_argument("--out", default="lora_warmup_probe.json")
     parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--max-model-len", type=int, default=8200, help="room for the 8,192-token bucket")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     args = parser.parse_args()
-    report = asyncio.run(probe(args.model_dir, args.load_format, args.max_model_len))
+    report = asyncio.run(probe(args.model_dir, args.load_format, args.max_model_len, args.engines))
     print(json.dumps(report, indent=1))
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 

@@ -1,15 +1,17 @@
 """Compile vLLM's LoRA kernels at engine start, not in the first LoRA requests of a fresh machine.
 
 vLLM's Triton LoRA kernels (shrink, expand) are compiled on first use for each kernel config and
-each specialisation of the token count M (Triton compiles M == 1, M divisible by 16 and any other M
-apart). With vLLM's own configs there are two per kernel (M < 128 and M >= 128), and its start
-(profile run, CUDA-graph capture with a dummy adapter) compiles them. lorafleet's tuned configs
+each specialisation of their integer arguments that depend on the step's token count M (Triton
+compiles an argument equal to 1, divisible by 16 and any other value apart; see _kind). With vLLM's
+own configs there are two configs per kernel (M < 128 and M >= 128), and its start (profile run,
+CUDA-graph capture with a dummy adapter) compiles most of what a step meets. lorafleet's tuned configs
 (serve_app/assets/lora_kernels) have one config per M bucket, and prefill batches between the
-captured sizes and the profile size meet buckets nobody compiled: on a fresh H200 the first LoRA
-run's TTFT p99 was 2.3 s against 0.9-1.1 s in every later run (docs/benchmarks.md).
+captured sizes and the profile size meet variants nobody compiled: on a fresh H200 a lone LoRA
+prefill of 1,501 tokens took 1.76 s, 0.04 s once compiled (bench/lora_warmup_probe.py,
+docs/benchmarks.md).
 
 So an engine that uses the tuned configs sends, before it serves, one LoRA request per M that
-reaches a bucket (both specialisations of each) with an adapter of zero weights in one module:
+reaches a bucket (every specialisation of each) with an adapter of zero weights in one module:
 every LoRA layer runs its kernels for an adapter in the batch whether or not that adapter has
 weights there.
 """
@@ -28,13 +30,14 @@ WARMUP_ADAPTER_ID = 2**31 - 1
 
 def token_counts(config_folder: str, gpu_name: str, max_prompt_len: int) -> list[int]:
     """Prompt lengths that, each prefilled alone, reach every M bucket of the tuned configs of this
-    GPU model: per bucket k one M divisible by 16 (or 1) and one not, each nearer k than any other
-    bucket; none longer than `max_prompt_len`."""
+    GPU model in every specialisation (_kind) a step of that bucket can meet, each length nearer its
+    bucket than any other; none longer than `max_prompt_len`."""
     buckets = sorted(_m_buckets(config_folder, gpu_name))
     counts = []
     for k in buckets:
         kinds = set()
-        for m in (k, k - 1, k + 1):  # k - 1 first: the largest bucket is often the step limit
+        # below k first: the largest bucket is often the step limit
+        for m in (k + d for step in range(9) for d in dict.fromkeys((-step, step))):
             if 1 <= m <= max_prompt_len and _nearest(buckets, m) == k and _kind(m) not in kinds:
                 counts.append(m)
                 kinds.add(_kind(m))
@@ -59,9 +62,12 @@ def _nearest(buckets: list[int], m: int) -> int:
     return m if m in buckets else min(buckets, key=lambda k: abs(k - m))
 
 
-def _kind(m: int) -> str:
-    """Triton's specialisation of an integer argument."""
-    return "one" if m == 1 else "div16" if m % 16 == 0 else "other"
+def _kind(m: int) -> str | int:
+    """What Triton's specialisation of the kernels' integer arguments sees of M: M itself is
+    specialised as 1, divisible by 16 or neither, and so are the strides M * rank of the
+    intermediate buffer ([slices, M, rank]), whose divisibility by 16 depends on M's factors of 2.
+    So: 1, or M's factors of 2 (0 to 4; 4 standing for 16 and more)."""
+    return "one" if m == 1 else min((m & -m).bit_length() - 1, 4)
 
 
 def weightless_adapter(model_config: dict, targets: list[str] | str, rank: int) -> str | None:
