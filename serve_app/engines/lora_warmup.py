@@ -28,20 +28,28 @@ from serve_app.engines.lora_targets import unpacked
 WARMUP_ADAPTER_ID = 2**31 - 1
 
 
-def token_counts(config_folder: str, gpu_name: str, max_prompt_len: int) -> list[int]:
+def token_counts(config_folder: str, gpu_name: str, step_limit: int, capture_sizes: list[int]) -> list[int]:
     """Prompt lengths that, each prefilled alone, reach every M bucket of the tuned configs of this
-    GPU model in every specialisation (_kind) a step of that bucket can meet, each length nearer its
-    bucket than any other; none longer than `max_prompt_len`."""
+    GPU model in every specialisation (_kind) a step of that bucket can meet, none longer than
+    `step_limit` tokens (tokens per step, or the context less one). A step of at most the largest
+    CUDA-graph size runs padded to the next size in `capture_sizes` (empty where none are captured),
+    so that padded M is what the kernels see."""
     buckets = sorted(_m_buckets(config_folder, gpu_name))
     counts = []
     for k in buckets:
         kinds = set()
         # below k first: the largest bucket is often the step limit
         for m in (k + d for step in range(9) for d in dict.fromkeys((-step, step))):
-            if 1 <= m <= max_prompt_len and _nearest(buckets, m) == k and _kind(m) not in kinds:
+            seen = padded(m, capture_sizes)
+            if 1 <= m <= step_limit and _nearest(buckets, seen) == k and _kind(seen) not in kinds:
                 counts.append(m)
-                kinds.add(_kind(m))
+                kinds.add(_kind(seen))
     return sorted(counts)
+
+
+def padded(m: int, capture_sizes: list[int]) -> int:
+    """The token count a step of m tokens runs with: the next captured CUDA-graph size, or m."""
+    return min((c for c in capture_sizes if c >= m), default=m)
 
 
 def _m_buckets(config_folder: str, gpu_name: str) -> set[int]:

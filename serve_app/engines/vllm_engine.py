@@ -65,9 +65,15 @@ class VllmEngine:
                 rpc_dir,
             )
         if tuned_kernels:
-            lengths = lora_warmup.token_counts(tuned_kernels, gpu_names()[0], engine.max_model_len - 1)
-            await engine.warm_lora_kernels(lengths, model_dir)
+            await engine.warm_lora_kernels(engine.warmup_lengths(tuned_kernels, gpu_names()[0]), model_dir)
         return engine
+
+    def warmup_lengths(self, kernel_configs: str, gpu_name: str) -> list[int]:
+        """lora_warmup.token_counts for this engine's step limit and CUDA-graph sizes."""
+        config = self.llm.vllm_config
+        step_limit = min(self.max_model_len - 1, config.scheduler_config.max_num_batched_tokens)
+        captured = [] if self.options.enforce_eager else list(config.compilation_config.cudagraph_capture_sizes or [])
+        return lora_warmup.token_counts(kernel_configs, gpu_name, step_limit, captured)
 
     async def warm_lora_kernels(self, prompt_lengths: list[int], model_dir: str) -> float | None:
         """One prefill per length, alone, with a zero adapter (lora_warmup); returns the seconds it

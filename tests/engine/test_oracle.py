@@ -117,10 +117,14 @@ def test_kernel_warmup_adapter_loads_and_generates_what_the_base_does(vllm_engin
     import shutil
 
     from serve_app.engines import lora_warmup
+    from serve_app.platform import LORA_KERNEL_CONFIGS
 
     engine = vllm_engine.engine
     before = vllm_engine.run(engine.loaded_adapter_ids())
-    took = vllm_engine.run(engine.warm_lora_kernels([1, 2, 16, 17], str(TINY_CHAT_DIR)))
+    # the lengths an H200 engine would warm, at this engine's step limit and CUDA-graph sizes
+    lengths = engine.warmup_lengths(LORA_KERNEL_CONFIGS, "NVIDIA_H200")
+    assert 10 < len(lengths) and max(lengths) < engine.max_model_len
+    took = vllm_engine.run(engine.warm_lora_kernels(lengths, str(TINY_CHAT_DIR)))
     assert took is not None and took > 0
     assert vllm_engine.run(engine.loaded_adapter_ids()) == before
     config = json.loads((TINY_CHAT_DIR / "config.json").read_text())
