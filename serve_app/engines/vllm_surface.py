@@ -22,6 +22,7 @@ IMPORTS = {
     "vllm.sampling_params": ["RequestOutputKind", "StructuredOutputsParams"],
     "vllm.exceptions": ["VLLMValidationError"],
     "vllm.usage.usage_lib": ["UsageContext"],
+    "vllm.config": ["SchedulerConfig", "CompilationConfig"],
 }
 ASYNC_LLM_METHODS = [
     "from_engine_args",
@@ -62,6 +63,11 @@ STRUCTURED_OUTPUT_FIELDS = [
     "json_object",
     "structural_tag",
 ]
+# Config fields lorafleet reads from an engine's `vllm_config` (the LoRA kernel warm-up's step sizes).
+CONFIG_FIELDS = {
+    "SchedulerConfig": ["max_num_batched_tokens"],
+    "CompilationConfig": ["cudagraph_capture_sizes"],
+}
 # Environment variables lorafleet sets for vLLM (serve_app/platform.py).
 ENV_VARS = [
     "VLLM_CPU_KVCACHE_SPACE",
@@ -117,6 +123,9 @@ def problems() -> list[str]:
         missing.append("AsyncLLM.generate(priority=...)")
     if so := found.get("StructuredOutputsParams"):
         missing += [f"StructuredOutputsParams({f}=...)" for f in STRUCTURED_OUTPUT_FIELDS if f not in _fields(so)]
+    for config, names in CONFIG_FIELDS.items():
+        if cls := found.get(config):
+            missing += [f"{config}.{f}" for f in names if f not in _fields(cls)]
     if lr := found.get("LoRARequest"):
         names = list(_fields(lr))[:3]
         if names != ["lora_name", "lora_int_id", "lora_path"]:
