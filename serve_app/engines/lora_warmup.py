@@ -4,7 +4,7 @@ vLLM's Triton LoRA kernels (shrink, expand) are compiled on first use for each k
 each specialisation of their integer arguments that depend on the step's token count M (Triton
 compiles an argument equal to 1, divisible by 16 and any other value apart; see _kind). With vLLM's
 own configs there are two configs per kernel (M < 128 and M >= 128), and its start (profile run,
-CUDA-graph capture with a dummy adapter) compiles most of what a step meets. lorafleet's tuned configs
+CUDA-graph capture with a dummy adapter) compiles some of their variants. lorafleet's tuned configs
 (serve_app/assets/lora_kernels) have one config per M bucket, and prefill batches between the
 captured sizes and the profile size meet variants nobody compiled: on a fresh H200 a lone LoRA
 prefill of 1,501 tokens took 1.76 s, 0.04 s once compiled (bench/lora_warmup_probe.py,
@@ -29,22 +29,19 @@ WARMUP_ADAPTER_ID = 2**31 - 1
 
 
 def token_counts(config_folder: str, gpu_name: str, step_limit: int, capture_sizes: list[int]) -> list[int]:
-    """Prompt lengths that, each prefilled alone, reach every M bucket of the tuned configs of this
-    GPU model in every specialisation (_kind) a step of that bucket can meet, none longer than
-    `step_limit` tokens (tokens per step, or the context less one). A step of at most the largest
-    CUDA-graph size runs padded to the next size in `capture_sizes` (empty where none are captured),
-    so that padded M is what the kernels see."""
-    buckets = sorted(_m_buckets(config_folder, gpu_name))
-    counts = []
-    for k in buckets:
-        kinds = set()
-        # below k first: the largest bucket is often the step limit
-        for m in (k + d for step in range(9) for d in dict.fromkeys((-step, step))):
-            seen = padded(m, capture_sizes)
-            if 1 <= m <= step_limit and _nearest(buckets, seen) == k and _kind(seen) not in kinds:
-                counts.append(m)
-                kinds.add(_kind(seen))
-    return sorted(counts)
+    """Prompt lengths that, each prefilled alone, meet every kernel variant that a step of at most
+    `step_limit` tokens meets: per config table (one per kernel, adapter count and slice count) the
+    bucket vLLM picks, and the specialisation (_kind) of the token count the kernels see. A step of at
+    most the largest CUDA-graph size runs padded to the next size in `capture_sizes` (empty where
+    none are captured). The shortest length of each variant: fewer tokens to prefill at start."""
+    tables = _m_key_tables(config_folder, gpu_name)
+    if not tables:
+        return []
+    first_length = {}
+    for m in range(1, step_limit + 1):
+        seen = padded(m, capture_sizes)
+        first_length.setdefault((tuple(_nearest(keys, seen) for keys in tables), _kind(seen)), m)
+    return sorted(first_length.values())
 
 
 def padded(m: int, capture_sizes: list[int]) -> int:
@@ -52,30 +49,33 @@ def padded(m: int, capture_sizes: list[int]) -> int:
     return min((c for c in capture_sizes if c >= m), default=m)
 
 
-def _m_buckets(config_folder: str, gpu_name: str) -> set[int]:
-    """Every M key of the shrink and expand configs: config[max_loras][num_slices][m][k][n]."""
-    buckets = set()
-    for kind in ("SHRINK", "EXPAND_TRUE", "EXPAND_FALSE"):
-        path = os.path.join(config_folder, f"{gpu_name}_{kind}.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            config = json.load(f)
-        buckets |= {int(m) for by_slices in config.values() for by_m in by_slices.values() for m in by_m}
-    return buckets
+def _m_key_tables(config_folder: str, gpu_name: str) -> list[tuple[int, ...]]:
+    """The distinct sets of M keys of the shrink and expand configs, one per table
+    config[max_loras][num_slices] (each table is then keyed [m][k][n]); vLLM picks the nearest key
+    within the table a layer's kernel reads."""
+    tables = set()
+    for kernel in ("SHRINK", "EXPAND_TRUE", "EXPAND_FALSE"):
+        path = os.path.join(config_folder, f"{gpu_name}_{kernel}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                config = json.load(f)
+            tables |= {
+                tuple(sorted(int(m) for m in by_m)) for by_slices in config.values() for by_m in by_slices.values()
+            }
+    return sorted(tables)
 
 
-def _nearest(buckets: list[int], m: int) -> int:
-    """The bucket vLLM picks for M: an exact key, else the nearest (the first of a tie)."""
-    return m if m in buckets else min(buckets, key=lambda k: abs(k - m))
+def _nearest(keys: tuple[int, ...], m: int) -> int:
+    """The key vLLM's lookup picks for M: an exact key, else the nearest (the first of a tie)."""
+    return m if m in keys else min(keys, key=lambda k: abs(k - m))
 
 
-def _kind(m: int) -> str | int:
-    """What Triton's specialisation of the kernels' integer arguments sees of M: M itself is
+def _kind(m: int) -> int:
+    """What Triton's specialisation of the kernels' integer arguments sees of M. M itself is
     specialised as 1, divisible by 16 or neither, and so are the strides M * rank of the
     intermediate buffer ([slices, M, rank]), whose divisibility by 16 depends on M's factors of 2.
-    So: 1, or M's factors of 2 (0 to 4; 4 standing for 16 and more)."""
-    return "one" if m == 1 else min((m & -m).bit_length() - 1, 4)
+    So: -1 for M = 1, else M's factors of 2 (0 to 4; 4 standing for 16 and more)."""
+    return -1 if m == 1 else min((m & -m).bit_length() - 1, 4)
 
 
 def weightless_adapter(model_config: dict, targets: list[str] | str, rank: int) -> str | None:
@@ -126,6 +126,6 @@ def _module_shapes(config: dict) -> dict[str, tuple[int, int]]:
 
 def warmup_prompt(index: int, length: int) -> list[int]:
     """Token ids of a warm-up prompt: the first differs between prompts, so none reuses another's
-    cached prefix (which would shrink its step below `length` tokens). Ids below 900 exist in every
-    vocabulary lorafleet serves."""
+    cached prefix (which would shrink its step below `length` tokens). Ids 50-949 exist in every
+    vocabulary lorafleet serves (tiny-chat's has 1,024)."""
     return [(index * 131 + j * 17) % 900 + 50 for j in range(length)]

@@ -65,53 +65,61 @@ class VllmEngine:
                 rpc_dir,
             )
         if tuned_kernels:
-            await engine.warm_lora_kernels(engine.warmup_lengths(tuned_kernels, gpu_names()[0]), model_dir)
+            await engine.warm_lora_kernels(model_dir, tuned_kernels, gpu_names()[0])
         return engine
 
+    async def warm_lora_kernels(self, model_dir: str, kernel_configs: str, gpu_name: str) -> float | None:
+        """Compile the LoRA kernel variants of these configs before serving (lora_warmup): the
+        seconds it took, or None where it could not run (the kernels then compile in the first
+        requests that meet them). Never fails the engine."""
+        try:
+            lengths = self.warmup_lengths(kernel_configs, gpu_name)
+            took = await self._prefill_with_zero_adapter(model_dir, lengths)
+        except Exception as e:  # noqa: BLE001 - a warm-up that fails costs speed, never the engine
+            logger.warning("LoRA kernels not compiled at start (%s: %s)", type(e).__name__, e)
+            return None
+        if took is not None:
+            logger.info("LoRA kernels compiled for %d prompt lengths %s in %.1f s", len(lengths), lengths, took)
+        return took
+
     def warmup_lengths(self, kernel_configs: str, gpu_name: str) -> list[int]:
-        """lora_warmup.token_counts for this engine's step limit and CUDA-graph sizes."""
+        """lora_warmup.token_counts for this engine's step limit and CUDA-graph sizes. A step can
+        also be longer than one prompt (several requests, when the context is shorter than the step
+        limit); those sizes are not warmed."""
         config = self.llm.vllm_config
         step_limit = min(self.max_model_len - 1, config.scheduler_config.max_num_batched_tokens)
-        captured = [] if self.options.enforce_eager else list(config.compilation_config.cudagraph_capture_sizes or [])
-        return lora_warmup.token_counts(kernel_configs, gpu_name, step_limit, captured)
+        graphs = getattr(config.compilation_config.cudagraph_mode, "name", "NONE") != "NONE"
+        captured = (
+            config.compilation_config.cudagraph_capture_sizes if graphs and not self.options.enforce_eager else []
+        )
+        return lora_warmup.token_counts(kernel_configs, gpu_name, step_limit, list(captured or []))
 
-    async def warm_lora_kernels(self, prompt_lengths: list[int], model_dir: str) -> float | None:
-        """One prefill per length, alone, with a zero adapter (lora_warmup); returns the seconds it
-        took, or None when it could not run (the kernels then compile in the first requests)."""
+    async def _prefill_with_zero_adapter(self, model_dir: str, lengths: list[int]) -> float | None:
+        """One prefill per length, one at a time, with lora_warmup's zero adapter; the seconds."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         started = time.perf_counter()
         config = lora_slots.hf_config(model_dir, bool(self.options.trust_remote_code))
-        folder = lora_warmup.weightless_adapter(
-            config, self.options.lora_target_modules, min(8, self.options.max_lora_rank)
-        )
+        rank = min(8, self.options.max_lora_rank)
+        folder = lora_warmup.weightless_adapter(config, self.options.lora_target_modules, rank)
         if folder is None:
-            logger.warning(
-                "LoRA kernels not compiled at start: no module of this checkpoint's layout to warm them with"
-            )
+            logger.warning("LoRA kernels not compiled at start: no module of this checkpoint's layout to warm with")
             return None
         adapter = AdapterRef("lorafleet-warmup", lora_warmup.WARMUP_ADAPTER_ID, folder)
         try:
             await self.add_adapter(adapter)
             params = SamplingParams(max_tokens=1, ignore_eos=True)
-            for i, length in enumerate(prompt_lengths):
+            for i, length in enumerate(lengths):
                 prompt = TokensPrompt(prompt_token_ids=lora_warmup.warmup_prompt(i, length))
-                async for _ in self.llm.generate(
-                    prompt, params, f"lorafleet-warmup-{i}", lora_request=self._lora_request(adapter)
-                ):
+                lora = self._lora_request(adapter)
+                async for _ in self.llm.generate(prompt, params, f"lorafleet-warmup-{i}", lora_request=lora):
                     pass
-            await self.remove_adapter(adapter.adapter_id)
-        except Exception as e:  # noqa: BLE001 - a warm-up that fails costs speed, never the engine
-            logger.warning("LoRA kernels not compiled at start (%s: %s)", type(e).__name__, e)
-            return None
         finally:
+            with contextlib.suppress(Exception):  # its slot is free for the adapters served
+                await self.remove_adapter(adapter.adapter_id)
             shutil.rmtree(folder, ignore_errors=True)
-        took = time.perf_counter() - started
-        logger.info(
-            "LoRA kernels compiled for %d prompt lengths %s in %.1f s", len(prompt_lengths), prompt_lengths, took
-        )
-        return took
+        return time.perf_counter() - started
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
         from vllm.inputs import TokensPrompt

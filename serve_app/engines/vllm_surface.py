@@ -22,7 +22,7 @@ IMPORTS = {
     "vllm.sampling_params": ["RequestOutputKind", "StructuredOutputsParams"],
     "vllm.exceptions": ["VLLMValidationError"],
     "vllm.usage.usage_lib": ["UsageContext"],
-    "vllm.config": ["SchedulerConfig", "CompilationConfig"],
+    "vllm.config": ["VllmConfig", "SchedulerConfig", "CompilationConfig"],
 }
 ASYNC_LLM_METHODS = [
     "from_engine_args",
@@ -65,8 +65,9 @@ STRUCTURED_OUTPUT_FIELDS = [
 ]
 # Config fields lorafleet reads from an engine's `vllm_config` (the LoRA kernel warm-up's step sizes).
 CONFIG_FIELDS = {
+    "VllmConfig": ["scheduler_config", "compilation_config"],
     "SchedulerConfig": ["max_num_batched_tokens"],
-    "CompilationConfig": ["cudagraph_capture_sizes"],
+    "CompilationConfig": ["cudagraph_capture_sizes", "cudagraph_mode"],
 }
 # Environment variables lorafleet sets for vLLM (serve_app/platform.py).
 ENV_VARS = [

@@ -111,8 +111,9 @@ def test_auto_slots_mix_that_many_adapters_in_one_batch(vllm_engine, hf_model):
 
 
 def test_kernel_warmup_adapter_loads_and_generates_what_the_base_does(vllm_engine):
-    # The weightless adapter of the GPU's kernel warm-up (serve_app/engines/lora_warmup.py): vLLM
-    # takes it, its requests answer as the base model, and the warm-up leaves no adapter behind.
+    # The warm-up of an H200's tuned LoRA kernels (serve_app/engines/lora_warmup.py) run through
+    # here, at this engine's step limit: vLLM takes its zero adapter and leaves no adapter behind,
+    # and that adapter's requests answer as the base model does.
     import json
     import shutil
 
@@ -121,17 +122,16 @@ def test_kernel_warmup_adapter_loads_and_generates_what_the_base_does(vllm_engin
 
     engine = vllm_engine.engine
     before = vllm_engine.run(engine.loaded_adapter_ids())
-    # the lengths an H200 engine would warm, at this engine's step limit and CUDA-graph sizes
     lengths = engine.warmup_lengths(LORA_KERNEL_CONFIGS, "NVIDIA_H200")
-    assert 10 < len(lengths) and max(lengths) < engine.max_model_len
-    took = vllm_engine.run(engine.warm_lora_kernels(lengths, str(TINY_CHAT_DIR)))
-    assert took is not None and took > 0
+    assert len(lengths) > 10 and max(lengths) < engine.max_model_len
+    assert vllm_engine.run(engine.warm_lora_kernels(str(TINY_CHAT_DIR), LORA_KERNEL_CONFIGS, "NVIDIA_H200")) is not None
     assert vllm_engine.run(engine.loaded_adapter_ids()) == before
     config = json.loads((TINY_CHAT_DIR / "config.json").read_text())
     folder = lora_warmup.weightless_adapter(config, ["v_proj"], 8)
+    weightless = AdapterRef("weightless", lora_warmup.WARMUP_ADAPTER_ID - 1, folder)
     try:
         ids = prompt_ids(vllm_engine.hf_tokenizer)[:3]
-        weightless = AdapterRef("weightless", lora_warmup.WARMUP_ADAPTER_ID - 1, folder)
         assert vllm_greedy(vllm_engine, ids, weightless) == vllm_greedy(vllm_engine, ids)
     finally:
+        vllm_engine.run(engine.remove_adapter(weightless.adapter_id))
         shutil.rmtree(folder, ignore_errors=True)

@@ -19,12 +19,14 @@ GPUS = sorted(p.name.removesuffix("_SHRINK.json") for p in FOLDER.glob("*_SHRINK
 # what vLLM's kernel wrappers read from a config (lora_shrink_op.py, lora_expand_op.py)
 SHRINK_KEYS = {"block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "num_ctas"}
 EXPAND_KEYS = {"block_m", "block_n", "block_k", "num_warps", "num_stages", "num_ctas"}
-# a 7B model's LoRA layers (1-3 slices, widths 3584 and 18944, ranks 1, 8 and 16) as vLLM looks them up
+# LoRA layers as vLLM looks their configs up: 1-3 slices, ranks 1, 8 and 16 (widths only pick
+# within a table, so one will do)
 LAYOUTS = [
-    (op, (slices, width, rank), dict(max_loras=65, hidden_size=width, rank=rank, num_slices=slices, **extra))
+    (op, (slices, rank), dict(max_loras=65, hidden_size=3584, rank=rank, num_slices=slices, **extra))
     for op, extra in [("shrink", {}), ("expand", {"add_inputs": True}), ("expand", {"add_inputs": False})]
-    for slices, width, rank in itertools.product([1, 2, 3], [3584, 18944], [1, 8, 16])
+    for slices, rank in itertools.product([1, 2, 3], [1, 8, 16])
 ]
+LARGEST_STEP = 8192
 
 
 @pytest.fixture
@@ -161,19 +163,41 @@ def test_cpu_keeps_vllms_defaults(monkeypatch):
 CAPTURED = [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]
 
 
+@pytest.fixture(scope="module")
+def step_configs():
+    """Per GPU model and layout, the config vLLM's own lookup gives a step of M tokens, M = 1..8192."""
+    import torch
+    from vllm.lora.ops.triton_ops import utils
+
+    configs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(FOLDER))
+        for gpu in GPUS:
+            patch.setattr(torch.cuda, "get_device_name", lambda *a, name=gpu.replace("_", " "): name)
+            utils.load_lora_op_config.cache_clear()
+            utils.get_lora_op_configs.cache_clear()
+            for op, layout, kw in LAYOUTS:
+                by_m = [utils.get_lora_op_configs(op, batch=m, **kw) for m in range(1, LARGEST_STEP + 1)]
+                configs[gpu, op, layout] = [tuple(sorted(c.items())) for c in by_m]
+    utils.load_lora_op_config.cache_clear()
+    utils.get_lora_op_configs.cache_clear()
+    return configs
+
+
+@pytest.mark.parametrize("step_limit", [2047, 4095, 8191, 8192])
 @pytest.mark.parametrize("captured", [CAPTURED, []], ids=["cuda-graphs", "eager"])
 @pytest.mark.parametrize("gpu", GPUS)
-def test_warmup_lengths_reach_every_kernel_variant_a_step_can_meet(gpu, captured, vllm_lookup):
+def test_warmup_lengths_reach_every_kernel_variant_a_step_can_meet(gpu, captured, step_limit, step_configs):
     # Triton compiles one kernel per config and per specialisation of its integer arguments: 1,
     # divisible by 16, other. Those that depend on the step's token count M are M and the strides
     # M * rank of the [slices, M, rank] buffer. Every (layout, config, specialisations) that some
-    # step of up to 8192 tokens meets, through vLLM's own lookup, is met by one of the warm-up's
-    # prompt lengths (serve_app/engines/lora_warmup.py).
+    # step up to the limit meets, through vLLM's own lookup, is met by one of the warm-up's prompt
+    # lengths (serve_app/engines/lora_warmup.py). The padding to CUDA-graph sizes is the warm-up's
+    # own `padded`, a model of vLLM's that the GPU probe checks (bench/lora_warmup_probe.py).
     from serve_app.engines.lora_warmup import padded, token_counts
 
-    lookup = vllm_lookup(gpu)
-    lengths = token_counts(str(FOLDER), gpu, 8192, captured)
-    assert len(lengths) < 60 and max(lengths) <= 8192  # a start's worth of prefills, not a sweep
+    lengths = token_counts(str(FOLDER), gpu, step_limit, captured)
+    assert len(lengths) < 60 and max(lengths) <= step_limit  # a start's worth of prefills, not a sweep
 
     def specialised(value: int) -> str:
         return "1" if value == 1 else "D" if value % 16 == 0 else ""
@@ -181,9 +205,9 @@ def test_warmup_lengths_reach_every_kernel_variant_a_step_can_meet(gpu, captured
     def variants(steps):
         seen = {padded(m, captured) for m in steps}
         return {
-            (op, layout, tuple(sorted(lookup(op, batch=m, **kw).items())), specialised(m), specialised(m * kw["rank"]))
+            (op, layout, step_configs[gpu, op, layout][m - 1], specialised(m), specialised(m * kw["rank"]))
             for m in seen
             for op, layout, kw in LAYOUTS
         }
 
-    assert variants(range(1, 8193)) <= variants(lengths)
+    assert variants(range(1, step_limit + 1)) <= variants(lengths)
