@@ -27,10 +27,9 @@ pytest_plugins = [
 # - "engines": offline engines, the CLI and unit tests, which never touch Ray;
 # - "main": everything on the session's main app, whose tests count its requests and wait for its
 #   engine to go idle, so no other process may send it work meanwhile; and test_adapter_admission
-#   and test_failures, whose apps are their own but which balance the two processes. The ms-swift
-#   checkpoint tests (CLI subprocesses, no Ray) run in "apps" for the same reason (2026-11-30, AMD
-#   EPYC, summed durations with the quantization and conversion tests: apps ~585 s, engines + main
-#   ~670 s before that move).
+#   and test_failures, whose apps are their own but which balance the two processes. (Summed
+#   durations, 2026-12-01, Intel Xeon: apps 720 s, engines + main 647 s with the ms-swift checkpoint
+#   tests, 59 s, in "apps"; they are back in "engines", where CLI subprocesses without Ray belong.)
 # The first two start together; "main" follows "engines" in that process. Most Ray tests wait on
 # replicas starting and on timers; the other process uses the core meanwhile.
 # The first prefix that a test's node id starts with gives its group.
@@ -44,7 +43,6 @@ GROUPS = (
     ("tests/serve/test_adapter_homes.py", "apps"),
     ("tests/serve/test_zero_downtime.py", "apps"),
     ("tests/unit/test_haproxy_guard.py", "apps"),
-    ("tests/cli/test_swift_checkpoints.py", "apps"),  # no Ray; balances the two processes (below)
     ("tests/serve/", "main"),
     ("tests/browser/", "main"),
 )
